@@ -1,0 +1,1 @@
+"""BentoML services on ONNX Runtime (next milestone). Never imports torch."""

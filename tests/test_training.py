@@ -1,0 +1,100 @@
+"""Short real trainings: every preset learns, the defaults clearly beat chance, seeds reproduce,
+resume continues exactly, and a run leaves model.pt, metrics.json and a plot behind."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import build_model
+from training.loop import fit
+from training.recipes import RECIPES
+from training.seeding import seed_everything
+from training.train import TrainOptions, _resolve, build_task, train
+
+SMALL = {"image": 1500, "price": None, "poem": 40}
+LOSS_KEY = {"image": "val_loss", "price": "val_log_rmse", "poem": "val_perplexity"}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_preset_learns_on_a_real_subset(name: str) -> None:
+    recipe = RECIPES[name]
+    architecture, preset = recipe.architecture, recipe.preset
+    options = TrainOptions(architecture, preset, epochs=1 if recipe.task != "price" else 5,
+                           limit=SMALL[recipe.task], device="cpu", progress=False)
+    recipe, dataset, limit = _resolve(options)
+    device = torch.device("cpu")
+    generator = seed_everything(0, device)
+    task, config, _ = build_task(recipe, dataset, limit, device)
+    model = build_model(recipe.architecture, config)
+    model.eval()
+    key = LOSS_KEY[recipe.task]
+    with torch.no_grad():
+        before = task.validate(model)[key]
+    run_dir = Path(os.environ["DLBOOK_RUNS"]) / f"learn-{name}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fit(model, task, recipe, run_dir, generator, progress=False)
+    with torch.no_grad():
+        after = task.validate(model)[key]
+    assert after < before, f"{name}: validation {key} went from {before} to {after}"
+
+
+def _quick(architecture: str, seed: int = 0, **kwargs) -> dict:
+    defaults = {"image": 2000, "price": None, "poem": 300}
+    task = {"mlp": "image", "lenet": "image", "price_mlp": "price", "poem_rnn": "poem"}[architecture]
+    epochs = {"image": 2, "price": 40, "poem": 2}[task]
+    options = TrainOptions(architecture, "default", epochs=epochs, limit=defaults[task], device="cpu",
+                           progress=False, seed=seed, **kwargs)
+    return train(options)
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "lenet", "price_mlp", "poem_rnn"])
+def test_default_models_learn_and_reproduce(architecture: str) -> None:
+    first = _quick(architecture, run_name=f"{architecture}-a")
+    second = _quick(architecture, run_name=f"{architecture}-b")
+    assert first["test"] == second["test"], "same seed, same data, same metrics on CPU"
+    test = first["test"]
+    if first["task"] == "image":
+        assert test["accuracy"] > 0.5  # chance is 0.1
+        assert len(test["per_class_accuracy"]) == 10 and len(test["confusion_matrix"]) == 10
+        assert sum(map(sum, test["confusion_matrix"])) == test["n"]
+    elif first["task"] == "price":
+        assert test["log_rmse"] < 0.25  # predicting the mean log price scores about 0.4
+        assert test["mae_dollars"] < 40_000
+    else:
+        assert test["perplexity"] < test["vocab_size"] / 4  # far from uniform guessing
+        assert test["bigram_perplexity"] > 1
+
+
+def test_a_run_leaves_model_metrics_and_plot(tmp_path: Path) -> None:
+    summary = _quick("price_mlp", run_name="artifacts")
+    run = Path(os.environ["DLBOOK_RUNS"]) / "artifacts"
+    saved = torch.load(run / "model.pt", weights_only=False)
+    assert saved["architecture"] == "price_mlp"
+    assert saved["preprocessing"]["target"] == "log_price" and saved["preprocessing"]["features"]["numeric"]
+    assert json.loads((run / "metrics.json").read_text())["test"] == summary["test"]
+    assert (run / "history.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_continues_where_it_stopped() -> None:
+    base = {"limit": 1500, "device": "cpu", "progress": False}
+    straight = train(TrainOptions("mlp", "softmax", epochs=3, run_name="straight", **base))
+    train(TrainOptions("mlp", "softmax", epochs=2, run_name="resumed", **base))
+    resumed = train(TrainOptions("mlp", "softmax", epochs=3, run_name="resumed", resume=True, **base))
+    assert len(resumed["history"]) == 3
+    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in resumed["history"]]
+    assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in straight["history"]]
+    assert resumed["test"] == straight["test"]
+
+
+def test_phases_switch_optimiser_and_epoch_caps_keep_every_phase() -> None:
+    mmids = RECIPES["mlp-mmids32"]
+    capped = mmids.with_epochs(4)
+    assert [p.epochs for p in capped.phases] == [3, 1] and capped.epochs == 4
+    assert [p.optimizer for p in capped.phases] == ["sgd", "adam"]
+    assert replace(mmids).epochs == 20

@@ -1,0 +1,122 @@
+"""Command line: ``python -m training {fetch,train,presets,summary,report,up}``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from training.datasets.sources import DATASETS, DataMissingError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from training.summary import format_table
+    from training.train import TrainOptions, train
+
+    summary = train(TrainOptions(
+        architecture=args.architecture, preset=args.preset, dataset=args.dataset, profile=args.profile,
+        seed=args.seed, epochs=args.epochs, limit=args.limit, device=args.device, resume=args.resume,
+        progress=not args.no_progress, run_name=args.run_name,
+    ))
+    print()
+    print(format_table([summary]))
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from training.recipes import RECIPES
+
+    for recipe in RECIPES.values():
+        book = ", ".join(f"{d} {v}%" for d, v in recipe.book_figures.items()) or "-"
+        print(f"{recipe.architecture:10} {recipe.preset:11} {'/'.join(recipe.datasets):22} "
+              f"book: {book:22} {recipe.source}")
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from training.summary import format_table, load_summaries
+
+    summaries = load_summaries()
+    if not summaries:
+        print("no runs yet: python -m training train lenet --profile quick")
+        return 1
+    print(format_table(summaries))
+    return 0
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from training.fetch import fetch
+
+    names = args.names or list(DATASETS)
+    ok = True
+    for name in names:
+        try:
+            print(fetch(name, source=args.source, force=args.force))
+        except DataMissingError as err:
+            print(f"error: {err}", file=sys.stderr)
+            ok = False
+    return 0 if ok else 1
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from training.report import write_report
+
+    print(f"wrote {write_report(Path(args.output))}")
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from training.quickstart import quickstart
+
+    return quickstart(profile=args.profile)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one preset and evaluate it on the official test split")
+    p.add_argument("architecture", choices=["mlp", "lenet", "price_mlp", "poem_rnn"])
+    p.add_argument("--preset", default="default", help="see `python -m training presets`")
+    p.add_argument("--dataset", help="mnist, fashion-mnist, house-prices, tang300 or quantangshi")
+    p.add_argument("--profile", choices=["quick", "full"], default="full")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, help="cap the number of epochs")
+    p.add_argument("--limit", type=int, help="train on at most this many samples")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--run-name", help="folder name under runs/ (default: <arch>-<preset>-<dataset>)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("presets", help="list every preset, its data and the book's figure")
+    p.set_defaults(func=_cmd_presets)
+
+    p = sub.add_parser("summary", help="the summary table of every finished run")
+    p.set_defaults(func=_cmd_summary)
+
+    p = sub.add_parser("fetch", help="download the data sets (checksummed) or import them from a folder")
+    p.add_argument("names", nargs="*", choices=[[], *DATASETS], metavar="NAME",
+                   help=f"data sets (default: all): {', '.join(DATASETS)}")
+    p.add_argument("--from", dest="source", help="import from this folder instead of downloading")
+    p.add_argument("--force", action="store_true", help="fetch again even if the data is present")
+    p.set_defaults(func=_cmd_fetch)
+
+    p = sub.add_parser("report", help="write docs/RESULTS.md from the finished runs")
+    p.add_argument("--output", default="docs/RESULTS.md")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("up", help="get data, train what is missing, then serve (the README's first command)")
+    p.add_argument("--profile", choices=["quick", "full"], default="quick")
+    p.set_defaults(func=_cmd_up)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DataMissingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

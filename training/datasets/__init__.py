@@ -1,0 +1,1 @@
+"""Readers for the real data sets: IDX and Kaggle CSV images, House Prices, Tang poems."""

@@ -1,0 +1,34 @@
+"""Where data and runs live. One place, so every command agrees.
+
+Data is looked up, in order, in ``$DLBOOK_DATA``, ``data/raw`` (where ``fetch`` puts it) and the
+``../shared/data`` folder beside a development checkout (found automatically, as CI does).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RAW_DATA_DIR = REPO_ROOT / "data" / "raw"
+PROCESSED_DATA_DIR = REPO_ROOT / "data" / "processed"
+SAMPLES_DIR = REPO_ROOT / "data" / "samples"
+SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+
+def data_roots() -> list[Path]:
+    roots = []
+    if os.environ.get("DLBOOK_DATA"):
+        roots.append(Path(os.environ["DLBOOK_DATA"]))
+    roots += [RAW_DATA_DIR, SHARED_DATA_DIR]
+    return roots
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get("DLBOOK_RUNS", REPO_ROOT / "runs"))
+
+
+def processed_dir() -> Path:
+    path = Path(os.environ.get("DLBOOK_PROCESSED", PROCESSED_DATA_DIR))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
