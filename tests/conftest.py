@@ -1,11 +1,12 @@
 """Test setup: real data from ``../shared/data`` when it is there (CI), else the committed samples.
 
-Runs and processed corpora go to a per-session temporary folder so tests never touch ``runs/``.
+Runs, processed corpora and the BentoML store go to per-session temporary folders.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -20,14 +21,13 @@ DATA_ROOT = SHARED if FULL_DATA else SAMPLES
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ["DLBOOK_DATA"] = str(DATA_ROOT)
+    # A private BentoML model store for the session: tests never touch ~/bentoml.
+    os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="dlbook-bentoml-")
+    # Runs and processed corpora of this session go to a temporary folder, never to runs/.
+    scratch = Path(tempfile.mkdtemp(prefix="dlbook-tests-"))
+    os.environ["DLBOOK_RUNS"] = str(scratch / "runs")
+    os.environ["DLBOOK_PROCESSED"] = str(scratch / "processed")
     warnings.filterwarnings("ignore", message=".*torch.jit.*", category=DeprecationWarning)
-
-
-@pytest.fixture(autouse=True)
-def _isolated_outputs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    base = tmp_path_factory.getbasetemp()
-    monkeypatch.setenv("DLBOOK_RUNS", str(base / "runs"))
-    monkeypatch.setenv("DLBOOK_PROCESSED", str(base / "processed"))
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {fetch,train,presets,summary,report,up}``."""
+"""Command line: ``python -m training {fetch,train,presets,summary,report,export,up}``."""
 
 from __future__ import annotations
 
@@ -66,6 +66,31 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from training.export import ExportError, export_run, resolve_runs
+
+    try:
+        runs = resolve_runs(args.runs)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not runs:
+        print("error: no trained runs to export (python -m training train …)", file=sys.stderr)
+        return 2
+    failed = 0
+    for run in runs:
+        try:
+            meta = export_run(run, name=args.name if len(runs) == 1 else None, store=not args.no_store)
+        except ExportError as err:
+            print(f"error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        parity = meta["parity"]
+        print(f"{run.name} → {meta.get('tag', meta['name'])}  onnx {meta['files']['model.onnx']['bytes'] / 1e6:.2f} MB"
+              f"  parity: torchscript {parity['torchscript']:.1e}, onnxruntime {parity['onnxruntime']:.1e}")
+    return 1 if failed else 0
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from training.quickstart import quickstart
 
@@ -106,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write docs/RESULTS.md from the finished runs")
     p.add_argument("--output", default="docs/RESULTS.md")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("export", help="ONNX + TorchScript with parity checks, into the BentoML model store")
+    p.add_argument("runs", nargs="+", help="run folder names under runs/, or 'all'")
+    p.add_argument("--name", help="model store name (one run only; default e.g. fashion-lenet)")
+    p.add_argument("--no-store", action="store_true", help="check export and parity without saving")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("up", help="get data, train what is missing, then serve (the README's first command)")
     p.add_argument("--profile", choices=["quick", "full"], default="quick")

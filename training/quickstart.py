@@ -1,12 +1,15 @@
-"""``./dlbook up``: get the data, train each default model that has no run yet, then serve.
+"""``./dlbook up``: get the data, train each default model that has no run yet, export it, serve.
 
-Export (ONNX + TorchScript into the BentoML store) and the HTTP services are later milestones; until
-they land this stops after training and says so rather than pretending to serve.
+The HTTP services are the next milestone; until they land this stops after export and says so
+rather than pretending to serve.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from training.datasets.sources import DataMissingError
+from training.export import export_run, load_run, model_name_for
 from training.fetch import fetch
 from training.recipes import get_recipe
 from training.summary import format_table, load_summaries
@@ -21,9 +24,24 @@ DEFAULT_MODELS = [
 ]
 
 
-def _has_model(architecture: str, preset: str, dataset: str) -> bool:
+def _trained_run(architecture: str, preset: str, dataset: str) -> Path | None:
+    """The full-profile run if there is one, else the quick one, else None."""
     recipe = get_recipe(architecture, preset)
-    return any((run_dir_for(recipe, dataset, p) / "model.pt").is_file() for p in ("full", "quick"))
+    for profile in ("full", "quick"):
+        run = run_dir_for(recipe, dataset, profile)
+        if (run / "model.pt").is_file():
+            return run
+    return None
+
+
+def _in_store(name: str) -> bool:
+    import bentoml
+
+    try:
+        bentoml.models.get(f"{name}:latest")
+    except bentoml.exceptions.NotFound:
+        return False
+    return True
 
 
 def quickstart(profile: str = "quick") -> int:
@@ -34,11 +52,23 @@ def quickstart(profile: str = "quick") -> int:
             print(f"error: {err}")
             return 2
     for architecture, preset, dataset in DEFAULT_MODELS:
-        if _has_model(architecture, preset, dataset):
-            print(f"{architecture}-{preset} on {dataset}: trained model present, skipping")
-            continue
-        train(TrainOptions(architecture, preset, dataset, profile=profile))
+        run = _trained_run(architecture, preset, dataset)
+        if run is None:
+            train(TrainOptions(architecture, preset, dataset, profile=profile))
+            run = _trained_run(architecture, preset, dataset)
+        else:
+            print(f"{architecture}-{preset} on {dataset}: trained model present in {run}")
+        assert run is not None
+        _, saved = load_run(run)
+        name = model_name_for(saved["summary"])
+        if _in_store(name):
+            print(f"{name}: already in the model store")
+        else:
+            meta = export_run(run)
+            worst = max(meta["parity"]["torchscript"], meta["parity"]["onnxruntime"])
+            print(f"{name}: exported as {meta['tag']} (parity max abs {worst:.1e})")
     print()
     print(format_table(load_summaries()))
-    print("\nExport and serving are not built yet (issues #3 and #4); the trained runs are under runs/.")
+    print("\nModels are in the BentoML store (bentoml models list). The HTTP services are the next "
+          "milestone (issue #4); this command will serve them once they land.")
     return 0
