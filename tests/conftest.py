@@ -36,3 +36,34 @@ def data_root() -> Path:
 
 
 full_data_only = pytest.mark.skipif(not FULL_DATA, reason="needs the full data sets in ../shared/data")
+
+
+# Brief real trainings shared by the export and serving tests (module fixtures would train twice).
+BRIEF_TRAININGS = {
+    "mlp": {"limit": 1500, "epochs": 1},
+    "lenet": {"limit": 4000, "epochs": 2},
+    "lenet-book": {"limit": 3000, "epochs": 2},
+    "price_mlp": {"epochs": 3},
+    "poem_rnn": {"limit": 200, "epochs": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def trained_runs() -> dict[str, Path]:
+    from training.train import TrainOptions, train
+
+    runs = {}
+    for key, settings in BRIEF_TRAININGS.items():
+        arch, _, preset = key.partition("-")
+        summary = train(TrainOptions(arch, preset or "default", device="cpu", progress=False,
+                                     run_name=f"brief-{key}", **settings))
+        runs[key] = Path(os.environ["DLBOOK_RUNS"]) / summary["run"]
+    return runs
+
+
+@pytest.fixture(scope="session")
+def exported(trained_runs: dict[str, Path]) -> dict[str, dict]:
+    """Every brief run exported once into the session's model store: key → meta (with ``tag``)."""
+    from training.export import export_run
+
+    return {key: export_run(run) for key, run in trained_runs.items()}

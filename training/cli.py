@@ -94,7 +94,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_up(args: argparse.Namespace) -> int:
     from training.quickstart import quickstart
 
-    return quickstart(profile=args.profile)
+    return quickstart(profile=args.profile, serve=not args.no_serve, host=args.host, port=args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="get data, train what is missing, then serve (the README's first command)")
     p.add_argument("--profile", choices=["quick", "full"], default="quick")
+    p.add_argument("--no-serve", action="store_true", help="stop after training and export")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to expose it)")
+    p.add_argument("--port", type=int, default=3000)
     p.set_defaults(func=_cmd_up)
     return parser
 

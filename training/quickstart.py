@@ -1,11 +1,13 @@
 """``./dlbook up``: get the data, train each default model that has no run yet, export it, serve.
 
-The HTTP services are the next milestone; until they land this stops after export and says so
-rather than pretending to serve.
+Serving is ``bentoml serve serving.service:DlbookService`` (all three APIs in one process) on
+127.0.0.1:3000 unless told otherwise; the OpenAPI page is its root URL.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 from training.datasets.sources import DataMissingError
@@ -44,7 +46,7 @@ def _in_store(name: str) -> bool:
     return True
 
 
-def quickstart(profile: str = "quick") -> int:
+def quickstart(profile: str = "quick", serve: bool = True, host: str = "127.0.0.1", port: int = 3000) -> int:
     for dataset in sorted({d for _, _, d in DEFAULT_MODELS}):
         try:
             print(fetch(dataset))
@@ -69,6 +71,10 @@ def quickstart(profile: str = "quick") -> int:
             print(f"{name}: exported as {meta['tag']} (parity max abs {worst:.1e})")
     print()
     print(format_table(load_summaries()))
-    print("\nModels are in the BentoML store (bentoml models list). The HTTP services are the next "
-          "milestone (issue #4); this command will serve them once they land.")
-    return 0
+    if not serve:
+        return 0
+    print(f"\nserving on http://{host}:{port}  (API docs at /, Ctrl+C stops)")
+    command = [sys.executable, "-m", "bentoml", "serve", "serving.service:DlbookService",
+               "--host", host, "--port", str(port)]
+    os.execvp(command[0], command)
+    return 0  # not reached

@@ -1,0 +1,27 @@
+"""House records → dollars, with the feature spec the model was trained with (from its metadata)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from preprocessing import FeatureSpec
+from serving.model_store import ExportedModel
+
+
+class HousePricer:
+    def __init__(self, model: ExportedModel) -> None:
+        self.model = model
+        self.spec = FeatureSpec.from_dict(model.meta["preprocessing"]["features"])
+        self.model.onnx.warm_up({"features": np.zeros((1, self.spec.n_features), np.float32)})
+
+    def encode(self, records: Sequence[Any]) -> np.ndarray:
+        """Validated features ``[N, F]``; raises ``RecordError`` naming the record and field."""
+        return self.spec.encode_records(records)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Dollars per row: the model predicts log(price)."""
+        (log_price,) = self.model.onnx.run({"features": np.ascontiguousarray(features, dtype=np.float32)})
+        return np.exp(log_price.astype(np.float64))

@@ -1,0 +1,47 @@
+"""Prometheus metrics of our own, exported on BentoML's ``/metrics`` beside its request metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+INFERENCE_SECONDS = Histogram(
+    "dlbook_inference_seconds", "Time of one ONNX Runtime call (a whole batch)", ["model", "provider"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
+)
+BATCH_SIZE = Histogram(
+    "dlbook_batch_size", "Rows per ONNX Runtime call", ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+REQUESTS = Counter("dlbook_requests_total", "API requests by endpoint and model", ["endpoint", "model"])
+ERRORS = Counter("dlbook_request_errors_total", "Refused or failed requests", ["endpoint", "status"])
+POEM_CHARACTERS = Counter("dlbook_poem_characters_total", "Characters generated (marks included)", ["model"])
+POEM_TOKENS_PER_SECOND = Gauge("dlbook_poem_tokens_per_second", "Tokens per second of the last decoding step",
+                               ["model"])
+
+
+def batch_observer(model: str, provider: str):
+    """A callback for the batchers: one call per ORT run with its rows and seconds."""
+    inference = INFERENCE_SECONDS.labels(model, provider)
+    batch = BATCH_SIZE.labels(model)
+
+    def observe(rows: int, seconds: float) -> None:
+        inference.observe(seconds)
+        batch.observe(rows)
+
+    return observe
+
+
+def poem_step_observer(model: str, provider: str):
+    inference = INFERENCE_SECONDS.labels(model, provider)
+    batch = BATCH_SIZE.labels(model)
+    characters = POEM_CHARACTERS.labels(model)
+    rate = POEM_TOKENS_PER_SECOND.labels(model)
+
+    def observe(rows: int, seconds: float) -> None:
+        inference.observe(seconds)
+        batch.observe(rows)
+        characters.inc(rows)
+        if seconds > 0:
+            rate.set(rows / seconds)
+
+    return observe

@@ -1,0 +1,77 @@
+"""Finding exported models in the BentoML model store, verified before any runtime sees them.
+
+A service loads ``name:latest`` unless the environment pins a version: ``DLBOOK_MODEL_<NAME>`` with
+the name upper-cased and dashes as underscores, e.g. ``DLBOOK_MODEL_FASHION_LENET=fashion-lenet:3x…``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bentoml
+
+from serving.artifacts import ArtifactError, verify_model_dir
+from serving.runtime import OnnxModel, RuntimeConfig
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+def pinned_tag(name: str) -> str:
+    return os.environ.get(f"DLBOOK_MODEL_{name.upper().replace('-', '_')}", f"{name}:latest")
+
+
+def exported_names(task: str) -> list[str]:
+    """Names (not versions) of every exported model of ``task`` in the store, sorted."""
+    names = {m.tag.name for m in bentoml.models.list() if m.info.labels.get("task") == task}
+    return sorted(names)
+
+
+@dataclass
+class ExportedModel:
+    name: str
+    tag: str
+    path: Path
+    meta: dict[str, Any]
+    onnx: OnnxModel
+
+    @property
+    def provider(self) -> str:
+        return self.onnx.provider
+
+    def describe(self) -> dict[str, Any]:
+        """What the models endpoint shows: no weights, no paths."""
+        training = self.meta["training"]
+        return {
+            "name": self.name,
+            "version": self.tag.split(":", 1)[1],
+            "task": self.meta["task"],
+            "architecture": self.meta["architecture"],
+            "preset": training["preset"],
+            "dataset": training["dataset"],
+            "provider": self.provider,
+            "inputs": self.meta["io"]["inputs"],
+            "outputs": self.meta["io"]["outputs"],
+            "test_metrics": {k: v for k, v in training["test"].items() if isinstance(v, int | float)},
+            "parity_max_abs": max(self.meta["parity"]["torchscript"], self.meta["parity"]["onnxruntime"]),
+        }
+
+
+def load_exported(name: str, runtime: RuntimeConfig | None = None) -> ExportedModel:
+    tag = pinned_tag(name)
+    try:
+        model = bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound as err:
+        raise ModelNotFound(f"model {tag} is not in the BentoML store; export it with "
+                            "`python -m training export <run>` (see `bentoml models list`)") from err
+    path = Path(model.path)
+    meta = verify_model_dir(path)
+    try:
+        onnx = OnnxModel(path / "model.onnx", runtime)
+    except Exception as err:  # ORT's errors are not one class
+        raise ArtifactError(f"{path / 'model.onnx'}: ONNX Runtime cannot load it ({err})") from err
+    return ExportedModel(name, str(model.tag), path, meta, onnx)

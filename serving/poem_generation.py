@@ -1,0 +1,80 @@
+"""Poem requests → samplers on the shared engine: prompt, acrostic or theme, n poems, seeds."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from preprocessing import Vocabulary
+from serving.model_store import ExportedModel
+from serving.poem_engine import PoemEngine, StepObserver
+from serving.poem_sampling import PoemForm, PoemRequestError, PoemSampler, SamplingParams, plan_poem
+
+MAX_THEME_CHARS = 200
+
+
+@dataclass(frozen=True)
+class PoemRequest:
+    prompt: str = ""
+    acrostic: str = ""
+    theme: str = ""
+    chars_per_clause: int = 5
+    lines: int = 4
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+    seed: int | None = None
+    n: int = 1
+
+
+def theme_keywords(theme: str, vocab: Vocabulary, limit: int) -> list[str]:
+    """Keywords of a free Chinese text (jieba TF-IDF) that the model can write, best first."""
+    import jieba.analyse
+
+    words = jieba.analyse.extract_tags(theme[:MAX_THEME_CHARS], topK=limit * 3)
+    usable = [w for w in words if all(ch in vocab for ch in w)]
+    return usable[:limit]
+
+
+def initialise_jieba() -> None:
+    """Build jieba's dictionary at start-up, quietly, not on the first request."""
+    import jieba
+    import jieba.analyse  # noqa: F401 - loads the IDF table
+
+    jieba.setLogLevel(logging.WARNING)
+    jieba.initialize()
+
+
+class PoemGenerator:
+    def __init__(self, model: ExportedModel, max_batch: int = 64, observe_step: StepObserver | None = None) -> None:
+        self.model = model
+        self.vocab = Vocabulary.from_dict(model.meta["preprocessing"]["vocab"])
+        config = model.meta["config"]
+        if config["cell"] == "lstm":
+            raise PoemRequestError("LSTM poem models are not served yet; export a GRU or RNN model")
+        self.engine = PoemEngine(model.onnx, config["num_layers"], config["hidden_size"], max_batch, observe_step)
+        initialise_jieba()
+
+    def samplers(self, request: PoemRequest) -> list[PoemSampler]:
+        """One sampler per poem; poem i uses seed + i so a request with a seed repeats exactly."""
+        form = PoemForm(request.chars_per_clause, request.lines)
+        params = SamplingParams(request.temperature, request.top_k, request.top_p, request.repetition_penalty)
+        line_starts: dict[int, str] = {}
+        if request.theme and not request.prompt and not request.acrostic:
+            keywords = theme_keywords(request.theme, self.vocab, limit=form.lines // 2)
+            line_starts = {2 * i: word for i, word in enumerate(keywords)}  # the first line of each couplet
+        plan = plan_poem(form, self.vocab, request.prompt, request.acrostic, line_starts)
+        seed = request.seed if request.seed is not None else secrets.randbits(31)
+        return [PoemSampler(plan, self.vocab, params, seed + i) for i in range(request.n)]
+
+    async def stream(self, sampler: PoemSampler) -> AsyncIterator[str]:
+        async for ch in self.engine.stream(sampler):
+            yield ch
+
+    async def generate(self, sampler: PoemSampler) -> dict[str, Any]:
+        text = await self.engine.generate(sampler)
+        return {"poem": text, "seed": sampler.seed}

@@ -1,0 +1,324 @@
+"""BentoML services: image classification, house prices, poem generation, and all of them at once.
+
+Each kind is a mixin of typed ``@bentoml.api`` methods; ``ImageService``, ``PriceService`` and
+``PoemService`` serve one kind each (``bentoml serve serving.service:PoemService``) so they scale
+independently, and ``DlbookService`` serves all three from one process for local use, with no
+inter-service hop. Models come from the BentoML store (see ``serving.model_store``), inputs are
+prepared by the same code and metadata training used, and every refusal is a 4xx whose message
+says what to fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import numpy as np
+from starlette.responses import StreamingResponse
+
+from preprocessing import RecordError
+from serving.artifacts import ArtifactError
+from serving.batching import MicroBatcher
+from serving.config import ServingLimits, default_model, models_for
+from serving.house_pricing import HousePricer
+from serving.http_errors import ApiError, BodyLimitMiddleware, error_response
+from serving.image_classification import ImageModel
+from serving.image_to_tensor import ImageInputError, ImageLimits, array_to_frame, decode_image, to_dataset_frame
+from serving.metrics import REQUESTS, batch_observer, poem_step_observer
+from serving.model_store import ExportedModel, ModelNotFound, exported_names, load_exported
+from serving.poem_generation import PoemGenerator, PoemRequest
+from serving.poem_sampling import PoemRequestError
+
+logger = logging.getLogger("dlbook.serving")
+
+
+class _Base:
+    """Model loading that never crashes the worker: failures make ``/readyz`` say why instead."""
+
+    limits: ServingLimits
+    load_errors: list[str]
+    loaded: dict[str, ExportedModel]
+
+    def _start(self) -> None:
+        self.limits = ServingLimits.from_env()
+        self.load_errors = []
+        self.loaded = {}
+
+    def _load_task(self, task: str) -> dict[str, ExportedModel]:
+        names = models_for(task) or exported_names(task)
+        if not names:
+            self.load_errors.append(f"no exported {task} model in the BentoML store; run "
+                                    "`python -m training export all` (or ./dlbook up)")
+        models = {}
+        for name in names:
+            try:
+                models[name] = load_exported(name)
+            except (ModelNotFound, ArtifactError) as err:
+                self.load_errors.append(str(err))
+                logger.error("cannot load %s: %s", name, err)
+        self.loaded.update(models)
+        return models
+
+    def _pick(self, task: str, available: dict[str, Any], requested: str, fallback: str) -> tuple[str, Any]:
+        if not available:
+            raise ApiError(f"no {task} model is loaded: {'; '.join(self.load_errors)}", 503)
+        name = requested or default_model(task, fallback)
+        if name not in available:
+            if requested:
+                raise ApiError(f"unknown model {requested!r}; available: {', '.join(sorted(available))}", 404)
+            name = sorted(available)[0]
+        return name, available[name]
+
+    def __is_ready__(self) -> bool:
+        return not self.load_errors
+
+    @bentoml.api(route="/models")
+    def models(self) -> dict[str, Any]:
+        """The loaded models: name, version, runtime provider, input/output spec, training metrics."""
+        return {"models": [m.describe() for m in self.loaded.values()], "problems": self.load_errors}
+
+
+class ImageAPIs(_Base):
+    def _init_images(self) -> None:
+        self.image_models = {n: ImageModel(m) for n, m in self._load_task("image").items()}
+        self.image_batchers = {
+            n: MicroBatcher(m.probabilities, self.limits.max_batch, batch_observer(n, m.model.provider))
+            for n, m in self.image_models.items()
+        }
+        self.image_limits = ImageLimits()
+
+    async def _classify(self, endpoint: str, model: str, frames: list[np.ndarray], top_k: int,
+                        return_frame: bool) -> dict[str, Any]:
+        name, image_model = self._pick("image", self.image_models, model, "fashion-lenet")
+        REQUESTS.labels(endpoint, name).inc()
+        probs = await self.image_batchers[name].submit(np.stack(frames))
+        predictions = []
+        for frame, p in zip(frames, probs, strict=True):
+            answer = image_model.describe(p, top_k)
+            if return_frame:
+                answer["frame"] = frame.tolist()
+            predictions.append(answer)
+        return {"model": name, "version": image_model.model.tag.split(":")[1], "predictions": predictions}
+
+    def _check_image_request(self, count: int, top_k: int) -> None:
+        if count == 0:
+            raise ApiError("no image received: send one or more files in the multipart field 'images'")
+        if count > self.limits.max_images:
+            raise ApiError(f"{count} images in one request; the limit is {self.limits.max_images} "
+                           "(DLBOOK_MAX_IMAGES): split them over several requests", 413)
+        if not 1 <= top_k <= 10:
+            raise ApiError(f"top_k must lie between 1 and 10, got {top_k}")
+
+    @bentoml.api(route="/classify")
+    async def classify(self, images: list[Path], model: str = "", top_k: int = 3,
+                       return_frame: bool = False) -> dict[str, Any]:
+        """Classify uploaded images (PNG, JPEG, GIF, BMP, WebP, TIFF; any size): label, probability, top-k.
+
+        Photos are made dataset-like first: grayscale, inverted when the background is light,
+        cropped to the content and fitted into the 28×28 frame the model was trained on.
+        """
+        try:
+            self._check_image_request(len(images), top_k)
+            name, image_model = self._pick("image", self.image_models, model, "fashion-lenet")
+            frames = []
+            for i, path in enumerate(images):
+                try:
+                    gray = await asyncio.to_thread(decode_image, path.read_bytes(), self.image_limits)
+                    frames.append(to_dataset_frame(gray, image_model.dataset))
+                except ImageInputError as err:
+                    raise ApiError(f"image {i + 1}: {err.message}", err.status) from err
+            return await self._classify("classify", name, frames, top_k, return_frame)
+        except ApiError as err:
+            return error_response(err.message, err.status, "classify")
+
+    @bentoml.api(route="/classify_pixels")
+    async def classify_pixels(self, images: list[Any], model: str = "", top_k: int = 3) -> dict[str, Any]:
+        """Classify 28×28 arrays (0–255, or 0–1 floats), light on dark as in the data sets."""
+        try:
+            self._check_image_request(len(images), top_k)
+            frames = []
+            for i, pixels in enumerate(images):
+                try:
+                    frames.append(array_to_frame(pixels))
+                except ImageInputError as err:
+                    raise ApiError(f"image {i + 1}: {err.message}", err.status) from err
+            return await self._classify("classify_pixels", model, frames, top_k, False)
+        except ApiError as err:
+            return error_response(err.message, err.status, "classify_pixels")
+
+
+class PriceAPIs(_Base):
+    def _init_prices(self) -> None:
+        self.pricers = {n: HousePricer(m) for n, m in self._load_task("price").items()}
+        self.price_batchers = {
+            n: MicroBatcher(p.predict, self.limits.max_batch, batch_observer(n, p.model.provider))
+            for n, p in self.pricers.items()
+        }
+
+    @bentoml.api(route="/predict_price")
+    async def predict_price(self, records: list[Any], model: str = "") -> dict[str, Any]:
+        """Sale price in dollars per house record (Kaggle column names; any column may be left out)."""
+        try:
+            name, pricer = self._pick("price", self.pricers, model, "house-price")
+            if not records:
+                raise ApiError("records is empty: send a list of objects with Kaggle House Prices columns")
+            if len(records) > self.limits.max_records:
+                raise ApiError(f"{len(records)} records in one request; the limit is {self.limits.max_records} "
+                               "(DLBOOK_MAX_RECORDS): send them in several requests", 413)
+            try:
+                features = pricer.encode(records)
+            except RecordError as err:
+                raise ApiError(str(err), 422) from err
+            REQUESTS.labels("predict_price", name).inc()
+            prices = await self.price_batchers[name].submit(features)
+            return {"model": name, "version": pricer.model.tag.split(":")[1],
+                    "prices": [round(float(p), 2) for p in prices]}
+        except ApiError as err:
+            return error_response(err.message, err.status, "predict_price")
+
+
+class PoemAPIs(_Base):
+    def _init_poems(self) -> None:
+        self.poem_generators = {
+            n: PoemGenerator(m, self.limits.max_poem_batch, poem_step_observer(n, m.provider))
+            for n, m in self._load_task("poem").items()
+        }
+
+    def _poem_request(self, model: str, params: dict[str, Any]) -> tuple[str, PoemGenerator, list]:
+        name, generator = self._pick("poem", self.poem_generators, model, "tang-poem")
+        if not 1 <= params["n"] <= self.limits.max_poems:
+            raise ApiError(f"n must lie between 1 and {self.limits.max_poems} (DLBOOK_MAX_POEMS), got {params['n']}")
+        for key in ("prompt", "acrostic"):
+            if len(params[key]) > 64:
+                raise ApiError(f"{key} is {len(params[key])} characters long; a poem holds at most 56")
+        if len(params["theme"]) > 2000:
+            raise ApiError(f"theme is {len(params['theme'])} characters long; keep it under 2000")
+        try:
+            samplers = generator.samplers(PoemRequest(**params))
+        except PoemRequestError as err:
+            raise ApiError(str(err), 422) from err
+        REQUESTS.labels("generate_poem", name).inc()
+        return name, generator, samplers
+
+    @bentoml.api(route="/generate_poem")
+    async def generate_poem(self, prompt: str = "", acrostic: str = "", theme: str = "", chars_per_clause: int = 5,
+                            lines: int = 4, temperature: float = 0.8, top_k: int = 0, top_p: float = 0.9,
+                            repetition_penalty: float = 1.1, seed: int | None = None, n: int = 1,
+                            model: str = "") -> dict[str, Any]:
+        """Write ``n`` poems of exactly the asked form (5 or 7 characters a line, 4 or 8 lines).
+
+        ``prompt`` starts the poem, ``acrostic`` gives each line's first character, ``theme`` (free
+        Chinese text) seeds lines with its keywords. The same ``seed`` and parameters give the same poem.
+        """
+        params = {k: v for k, v in locals().items() if k not in ("self", "model")}
+        try:
+            name, generator, samplers = self._poem_request(model, params)
+            poems = await asyncio.wait_for(asyncio.gather(*[generator.generate(s) for s in samplers]),
+                                           self.limits.generation_timeout_s)
+            return {"model": name, "version": generator.model.tag.split(":")[1], "poems": poems}
+        except TimeoutError:
+            return error_response("generation took longer than DLBOOK_GENERATION_TIMEOUT_S; ask for fewer poems "
+                                  "or try again when the server is less busy", 503, "generate_poem")
+        except ApiError as err:
+            return error_response(err.message, err.status, "generate_poem")
+
+    @bentoml.api(route="/generate_poem_stream")
+    async def generate_poem_stream(self, prompt: str = "", acrostic: str = "", theme: str = "",
+                                   chars_per_clause: int = 5, lines: int = 4, temperature: float = 0.8,
+                                   top_k: int = 0, top_p: float = 0.9, repetition_penalty: float = 1.1,
+                                   seed: int | None = None, n: int = 1, model: str = "") -> dict[str, Any]:
+        """The same poems as ``/generate_poem``, streamed as Server-Sent Events while they are written.
+
+        Events: ``token`` (``{"index", "char"}``) per character, then ``done`` with the whole poems,
+        or ``error`` with a message if generation fails midway.
+        """
+        params = {k: v for k, v in locals().items() if k not in ("self", "model")}
+        try:
+            name, generator, samplers = self._poem_request(model, params)
+        except ApiError as err:
+            return error_response(err.message, err.status, "generate_poem_stream")
+        version = generator.model.tag.split(":")[1]
+        return StreamingResponse(self._sse(name, version, generator, samplers), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _sse(self, name: str, version: str, generator: PoemGenerator, samplers: list) -> AsyncIterator[str]:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, sampler) -> None:
+            async for ch in generator.stream(sampler):
+                queue.put_nowait((index, ch))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(samplers)]
+        finished = asyncio.gather(*tasks)
+        deadline = asyncio.get_running_loop().time() + self.limits.generation_timeout_s
+        try:
+            while not (finished.done() and queue.empty()):
+                timeout = deadline - asyncio.get_running_loop().time()
+                if timeout <= 0:
+                    raise TimeoutError
+                try:
+                    index, ch = await asyncio.wait_for(queue.get(), min(timeout, 0.5))
+                except TimeoutError:
+                    continue
+                yield _event("token", {"index": index, "char": ch})
+            await finished
+            poems = [{"poem": s.text, "seed": s.seed} for s in samplers]
+            yield _event("done", {"model": name, "version": version, "poems": poems})
+        except TimeoutError:
+            yield _event("error", {"error": "generation took longer than DLBOOK_GENERATION_TIMEOUT_S"})
+        except Exception as err:  # noqa: BLE001 - the client must hear about it, not see a silent end
+            logger.exception("poem stream failed")
+            yield _event("error", {"error": f"generation failed ({type(err).__name__})"})
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+def _event(kind: str, data: dict[str, Any]) -> str:
+    return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+_TRAFFIC = {"timeout": 60}
+
+
+@bentoml.service(name="dlbook-image", traffic=_TRAFFIC)
+class ImageService(ImageAPIs):
+    def __init__(self) -> None:
+        self._start()
+        self._init_images()
+
+
+@bentoml.service(name="dlbook-price", traffic=_TRAFFIC)
+class PriceService(PriceAPIs):
+    def __init__(self) -> None:
+        self._start()
+        self._init_prices()
+
+
+@bentoml.service(name="dlbook-poem", traffic=_TRAFFIC)
+class PoemService(PoemAPIs):
+    def __init__(self) -> None:
+        self._start()
+        self._init_poems()
+
+
+@bentoml.service(name="dlbook", traffic=_TRAFFIC)
+class DlbookService(ImageAPIs, PriceAPIs, PoemAPIs):
+    """All three kinds in one process, for local use (``./dlbook up``)."""
+
+    def __init__(self) -> None:
+        self._start()
+        self._init_images()
+        self._init_prices()
+        self._init_poems()
+
+
+for _service in (ImageService, PriceService, PoemService, DlbookService):
+    _service.add_asgi_middleware(BodyLimitMiddleware)
+
+__all__ = ["DlbookService", "ImageService", "PoemService", "PriceService"]

@@ -1,0 +1,270 @@
+"""The HTTP services against a real server on 127.0.0.1, with models trained briefly on real data."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from preprocessing import PixelScaling
+from training.datasets.house import load_house_train, read_house_csv
+from training.datasets.images import load_image_split
+from training.datasets.sources import find_dataset
+from training.export import load_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(exported: dict[str, dict], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")  # noqa: SIM115 - closed below
+    env = {**os.environ, "DLBOOK_DEVICE": "cpu", "DLBOOK_MAX_IMAGES": "64"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", "serving.service:DlbookService", "--host", "127.0.0.1",
+         "--port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"server exited: {log.read()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"server not ready in 120 s: {log.read()[-3000:]}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None, **save) -> bytes:
+    image = Image.fromarray(array)
+    if mode:
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+def _classify(base: str, blobs: list[bytes], **data) -> list[dict]:
+    files = [("images", (f"{i}.img", b, "application/octet-stream")) for i, b in enumerate(blobs)]
+    response = httpx.post(f"{base}/classify", files=files, data={k: str(v) for k, v in data.items()}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["predictions"]
+
+
+def _classify_pixels(base: str, arrays: np.ndarray, **body) -> list[dict]:
+    response = httpx.post(f"{base}/classify_pixels", json={"images": arrays.tolist(), **body}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["predictions"]
+
+
+def test_models_endpoint_lists_what_is_served(server: str) -> None:
+    body = httpx.post(f"{server}/models", json={}, timeout=10).json()
+    names = {m["name"] for m in body["models"]}
+    assert {"fashion-lenet", "fashion-lenet-book", "digits-mlp", "house-price", "tang-poem"} <= names
+    lenet = next(m for m in body["models"] if m["name"] == "fashion-lenet")
+    assert lenet["provider"] == "CPUExecutionProvider" and lenet["inputs"][0]["shape"] == ["batch", 1, 28, 28]
+    assert "accuracy" in lenet["test_metrics"] and body["problems"] == []
+
+
+def test_image_files_classify_like_the_raw_arrays(server: str) -> None:
+    images = load_image_split("fashion-mnist", "test").images[:40]
+    raw = _classify_pixels(server, images)
+    expected = [p["class_index"] for p in raw]
+    exact = {
+        "png": [_encode(a) for a in images],
+        "inverted png": [_encode(255 - a) for a in images],
+        "rgba png": [_encode(np.dstack([a, a, a, np.full_like(a, 255)]), mode="RGBA") for a in images],
+        "bmp": [_encode(a, "BMP") for a in images],
+    }
+    for variant, blobs in exact.items():
+        got = _classify(server, blobs)
+        assert [p["class_index"] for p in got] == expected, variant
+        np.testing.assert_allclose([p["probability"] for p in got], [p["probability"] for p in raw], atol=1e-6)
+    # photos: 280×280 RGB JPEGs, and the same rotated on disk with an EXIF tag that turns them back
+    big = [np.asarray(Image.fromarray(a).resize((280, 280), Image.BICUBIC)) for a in images]
+    jpeg = [_encode(b, "JPEG", mode="RGB", quality=92) for b in big]
+    rotated = []
+    for b in big:
+        exif = Image.Exif()
+        exif[0x0112] = 6  # "rotate 90° clockwise to display": stored rotated the other way
+        rotated.append(_encode(np.rot90(b, 1).copy(), "JPEG", mode="RGB", quality=92, exif=exif.tobytes()))
+    for variant, blobs in {"280px jpeg": jpeg, "exif-rotated jpeg": rotated}.items():
+        got = [p["class_index"] for p in _classify(server, blobs)]
+        agreement = np.mean(np.array(got) == np.array(expected))
+        assert agreement >= 0.8, f"{variant}: {agreement:.0%} agree with the raw arrays"
+
+
+def test_top_k_labels_in_two_languages_and_frame(server: str) -> None:
+    image = load_image_split("fashion-mnist", "test").images[0]
+    (answer,) = _classify(server, [_encode(image)], top_k=5, return_frame="true")
+    assert len(answer["top_k"]) == 5 and answer["top_k"][0]["label"] == answer["label"]
+    assert sum(t["probability"] for t in answer["top_k"]) <= 1.0 + 1e-6
+    assert answer["label_zh"] in ["T恤", "裤子", "套衫", "连衣裙", "外套", "凉鞋", "衬衫", "运动鞋", "包", "短靴"]
+    assert np.array_equal(np.array(answer["frame"], dtype=np.uint8), image)
+
+
+def test_batched_and_unbatched_answers_are_identical(server: str) -> None:
+    images = load_image_split("mnist", "test").images[:12]
+    together = _classify_pixels(server, images, model="digits-mlp")
+
+    async def one_by_one() -> list[dict]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            responses = await asyncio.gather(*[
+                client.post(f"{server}/classify_pixels", json={"images": [a.tolist()], "model": "digits-mlp"})
+                for a in images])
+        return [r.json()["predictions"][0] for r in responses]
+
+    apart = asyncio.run(one_by_one())
+    for a, b in zip(together, apart, strict=True):
+        assert a["class_index"] == b["class_index"]
+        assert a["probability"] == pytest.approx(b["probability"], abs=1e-6)
+
+
+@pytest.mark.parametrize("key", ["lenet", "lenet-book"])
+def test_pixel_scaling_comes_from_metadata(server: str, trained_runs: dict[str, Path], exported: dict[str, dict],
+                                           key: str) -> None:
+    """A raw-0–255 model and a Normalize model: the same PNG gets the eager model's probabilities."""
+    name = exported[key]["name"]
+    model, saved = load_run(trained_runs[key])
+    scaling = PixelScaling.from_dict(saved["preprocessing"]["scaling"])
+    assert scaling.kind == ("raw" if key == "lenet-book" else "normalize")
+    images = load_image_split("fashion-mnist", "test").images[:8]
+    with torch.no_grad():
+        eager = torch.softmax(model(torch.from_numpy(scaling.apply(images)[:, None])), dim=1).numpy()
+    served = _classify(server, [_encode(a) for a in images], model=name, top_k=10)
+    for probs, answer in zip(eager, served, strict=True):
+        by_index = {t["class_index"]: t["probability"] for t in answer["top_k"]}
+        np.testing.assert_allclose([by_index[i] for i in range(10)], probs, atol=1e-5)
+
+
+def test_house_prices_for_kaggle_test_rows(server: str) -> None:
+    folder = find_dataset("house-prices")
+    test_csv = folder / "test.csv"
+    if not test_csv.is_file():
+        pytest.skip("Kaggle test.csv is not in this data folder")
+    table = read_house_csv(test_csv, numeric_columns=load_house_train().numeric_columns)
+    records = [dict(r, Id=i) for r, i in zip(table.records[:300], table.ids, strict=False)]
+    response = httpx.post(f"{server}/predict_price", json={"records": records}, timeout=60)
+    assert response.status_code == 200, response.text
+    prices = np.array(response.json()["prices"])
+    assert len(prices) == 300 and np.all(np.isfinite(prices)) and np.all(prices > 10_000)
+    single = httpx.post(f"{server}/predict_price", json={"records": records[:1]}, timeout=60).json()["prices"]
+    assert single[0] == pytest.approx(prices[0], rel=1e-6)  # batched and alone agree
+    sparse = httpx.post(f"{server}/predict_price", json={"records": [{"GrLivArea": 2000}]}, timeout=60)
+    assert sparse.status_code == 200 and sparse.json()["prices"][0] > 0
+
+
+FORM_MARKS = "，。"
+
+
+def _check_form(poem: str, chars: int, lines: int) -> None:
+    assert len(poem) == lines * (chars + 1), poem
+    for line in range(lines):
+        clause = poem[line * (chars + 1): (line + 1) * (chars + 1)]
+        assert all(re.match(r"[\u3400-\u4dbf\u4e00-\u9fff]", ch) for ch in clause[:-1]), poem
+        assert clause[-1] == ("，" if line % 2 == 0 else "。"), poem
+
+
+@pytest.mark.parametrize("chars", [5, 7])
+@pytest.mark.parametrize("lines", [4, 8])
+@pytest.mark.parametrize("mode", ["free", "prompt", "acrostic", "theme"])
+def test_poems_have_exactly_the_requested_form(server: str, chars: int, lines: int, mode: str) -> None:
+    body = {"chars_per_clause": chars, "lines": lines, "seed": 7, "n": 2, "top_k": 50}
+    body |= {"prompt": {"prompt": "春风", "acrostic": "", "theme": ""},
+             "acrostic": {"acrostic": "山水"}, "theme": {"theme": "秋天的夜晚思念远方的故乡"}}.get(mode, {})
+    response = httpx.post(f"{server}/generate_poem", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    poems = [p["poem"] for p in response.json()["poems"]]
+    assert len(poems) == 2
+    for poem in poems:
+        _check_form(poem, chars, lines)
+        if mode == "prompt":
+            assert poem.startswith("春风")
+        if mode == "acrostic":
+            assert poem[0] == "山" and poem[chars + 1] == "水"
+
+
+def test_same_seed_same_poem_and_stream_matches(server: str) -> None:
+    body = {"chars_per_clause": 7, "lines": 4, "seed": 123, "temperature": 1.0}
+    first = httpx.post(f"{server}/generate_poem", json=body, timeout=60).json()["poems"][0]["poem"]
+    second = httpx.post(f"{server}/generate_poem", json=body, timeout=60).json()["poems"][0]["poem"]
+    assert first == second
+    other = httpx.post(f"{server}/generate_poem", json=body | {"seed": 124}, timeout=60).json()["poems"][0]["poem"]
+    assert other != first
+    chars, done = [], None
+    with httpx.stream("POST", f"{server}/generate_poem_stream", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for event in response.read().decode().split("\n\n"):
+            if not event.strip():
+                continue
+            kind = event.split("\n")[0].removeprefix("event: ")
+            data = json.loads(event.split("\n")[1].removeprefix("data: "))
+            if kind == "token":
+                chars.append(data["char"])
+            elif kind == "done":
+                done = data
+    assert "".join(chars) == first and done["poems"][0]["poem"] == first
+
+
+def test_metrics_report_our_models(server: str) -> None:
+    _classify_pixels(server, load_image_split("mnist", "test").images[:2], model="digits-mlp")
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    assert 'dlbook_inference_seconds_count{model="digits-mlp",provider="CPUExecutionProvider"}' in text
+    assert "dlbook_batch_size_bucket" in text and "dlbook_requests_total" in text
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "fragment"),
+    [
+        ("/classify_pixels", {"images": [[[0] * 27] * 28]}, 400, "28"),
+        ("/classify_pixels", {"images": []}, 400, "no image"),
+        ("/classify_pixels", {"images": [np.zeros((28, 28)).tolist()], "top_k": 11}, 400, "top_k"),
+        ("/predict_price", {"records": []}, 400, "empty"),
+        ("/predict_price", {"records": [{"Colour": "red"}]}, 422, "Colour"),
+        ("/predict_price", {"records": [{"LotArea": -3}]}, 422, "LotArea"),
+        ("/generate_poem", {"top_p": 1.5}, 422, "top_p"),
+        ("/generate_poem", {"acrostic": "一二三四五"}, 422, "acrostic"),
+        ("/generate_poem", {"n": 10000}, 400, "n must"),
+        ("/generate_poem", {"model": "nope"}, 404, "nope"),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_reason(server: str, path: str, body: dict, status: int, fragment: str) -> None:
+    response = httpx.post(f"{server}{path}", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]
+    assert httpx.get(f"{server}/livez", timeout=5).status_code == 200
