@@ -31,6 +31,21 @@ def _pad(seqs: list[list[int]], device: torch.device) -> torch.Tensor:
     return out.to(device)
 
 
+@torch.no_grad()
+def sequence_nll(model: nn.Module, seqs: list[list[int]], device: torch.device) -> tuple[float, int]:
+    """Total NLL and token count over whole sequences, the state carried from ``<bos>``."""
+    total, count = 0.0, 0
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for start in range(0, len(order), 256):
+        batch = _pad([seqs[i] for i in order[start: start + 256]], device)
+        logits, _ = model(batch[:, :-1])
+        targets = batch[:, 1:]
+        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                 ignore_index=PAD, reduction="sum").item()
+        count += int((targets != PAD).sum().item())
+    return total, count
+
+
 class PoemTask:
     monitor = "val_perplexity"
     mode = "min"
@@ -81,19 +96,8 @@ class PoemTask:
     def summarise(self, totals: dict[str, float]) -> dict[str, float]:
         return {"train_perplexity": perplexity(totals.get("nll_sum", 0.0), int(totals.get("count", 0)))}
 
-    @torch.no_grad()
     def nll(self, model: nn.Module, seqs: list[list[int]]) -> tuple[float, int]:
-        """Total NLL and token count over whole sequences, the state carried from ``<bos>``."""
-        total, count = 0.0, 0
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        for start in range(0, len(order), 256):
-            batch = _pad([seqs[i] for i in order[start: start + 256]], self.device)
-            logits, _ = model(batch[:, :-1])
-            targets = batch[:, 1:]
-            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                     ignore_index=PAD, reduction="sum").item()
-            count += int((targets != PAD).sum().item())
-        return total, count
+        return sequence_nll(model, seqs, self.device)
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         return {"val_perplexity": perplexity(*self.nll(model, self.val_seqs))}
