@@ -1,14 +1,18 @@
-"""4xx answers with a flat ``{"error": ...}`` body, and a request-size limit enforced before parsing.
+"""4xx answers with a flat ``{"error": ...}`` body, and a guard that checks requests before parsing.
 
-BentoML 1.4 answers its own 4xx exceptions with a JSON *list* and has no request-size limit, so we
-return our errors as responses and put a small ASGI middleware in front of the app.
+BentoML 1.4 answers its own 4xx exceptions with a JSON *list*, has no request-size limit, answers a
+file under an unknown multipart field with 500, and treats a *text* value in a file field as a URL
+to download. So we return our errors as responses, and a small ASGI middleware in front of the app
+refuses oversized bodies (413) and multipart parts that are not what the endpoint takes (400).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
+import re
 import uuid
 
 from starlette.responses import JSONResponse
@@ -34,25 +38,88 @@ def error_response(message: str, status: int, endpoint: str) -> JSONResponse:
     return JSONResponse({"error": message, "status": status, "request_id": request_id}, status_code=status)
 
 
+OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/static_content/")
+OPEN_PAGES = ("/", "/docs.json", "/schema.json")
+
+
+def is_open(path: str) -> bool:
+    """Health, metrics and the API docs stay reachable without a key (probes and scrapers have none)."""
+    return path in OPEN_PAGES or path.startswith(OPEN_PATHS)
+
+
+def api_key() -> str | None:
+    """``DLBOOK_API_KEY`` turns on bearer-token checks for everything but health and metrics."""
+    return os.environ.get("DLBOOK_API_KEY") or None
+
+
+def authorised(headers: dict[bytes, bytes], key: str) -> bool:
+    supplied = headers.get(b"authorization", b"").decode("latin-1")
+    scheme, _, token = supplied.partition(" ")
+    # compare_digest takes the same time whatever the first wrong character: no timing oracle.
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
 def max_body_bytes() -> int:
     return int(os.environ.get("DLBOOK_MAX_BODY_BYTES", str(12 * 1024 * 1024)))
 
 
-class BodyLimitMiddleware:
-    """Refuse bodies over ``max_body`` bytes with 413: by Content-Length at once, else while reading."""
+# Multipart endpoints: the fields each accepts, and which of them must be uploaded files.
+MULTIPART_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "/classify": (frozenset({"images", "model", "top_k", "return_frame"}), frozenset({"images"})),
+}
+
+
+def multipart_problem(path: str, content_type: bytes, body: bytes) -> str | None:
+    """Why a multipart body does not fit the endpoint, or None when it does."""
+    fields = MULTIPART_FIELDS.get(path)
+    if fields is None or not content_type.startswith(b"multipart/form-data"):
+        return None
+    allowed, files = fields
+    boundary = next((p.split(b"=", 1)[1].strip(b'"') for p in content_type.split(b";")
+                     if p.strip().startswith(b"boundary=")), None)
+    if not boundary:
+        return "multipart body without a boundary; let your HTTP client build the form"
+    for part in body.split(b"--" + boundary)[1:]:
+        if part.startswith(b"--"):
+            break
+        headers = part.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
+        name = re.search(r'name="([^"]*)"', headers)
+        if name is None:
+            return "a multipart part has no name"
+        field = name.group(1)
+        if field not in allowed:
+            return f"unknown form field {field!r}; this endpoint takes {', '.join(sorted(allowed))}"
+        if field in files and "filename=" not in headers:
+            return f"form field {field!r} must be an uploaded file (curl -F {field}=@photo.png), not text"
+    return None
+
+
+class RequestGuardMiddleware:
+    """Checks every request before BentoML parses it.
+
+    401 without the API key (when one is set), 413 for a body over ``max_body`` bytes (by
+    Content-Length at once, else while reading), 400 for multipart parts the endpoint does not take.
+    """
 
     def __init__(self, app, max_body: int | None = None) -> None:
         self.app = app
         self.max_body = max_body or max_body_bytes()
+        self.key = api_key()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
+        if self.key and not is_open(scope.get("path", "")) and not authorised(headers, self.key):
+            await self._refuse(send, 401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
+            return
+        if scope.get("method") in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            await self._refuse(send)
+            await self._refuse(send, 413, self._too_large())
             return
         # Chunked or unknown length: buffer up to the limit, then replay to the app.
         chunks, size, more = [], 0, True
@@ -63,10 +130,14 @@ class BodyLimitMiddleware:
             body = message.get("body", b"")
             size += len(body)
             if size > self.max_body:
-                await self._refuse(send)
+                await self._refuse(send, 413, self._too_large())
                 return
             chunks.append(body)
             more = message.get("more_body", False)
+        problem = multipart_problem(scope.get("path", ""), headers.get(b"content-type", b""), b"".join(chunks))
+        if problem:
+            await self._refuse(send, 400, problem)
+            return
         replayed = False
 
         async def replay():
@@ -78,9 +149,14 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send) -> None:
-        body = json.dumps({"error": f"request body exceeds {self.max_body} bytes; send fewer or smaller "
-                                    "items per request (limit: DLBOOK_MAX_BODY_BYTES)", "status": 413}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    def _too_large(self) -> str:
+        return (f"request body exceeds {self.max_body} bytes; send fewer or smaller items per request "
+                "(limit: DLBOOK_MAX_BODY_BYTES)")
+
+    async def _refuse(self, send, status: int, message: str) -> None:
+        body = json.dumps({"error": message, "status": status}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if status == 401:
+            headers.append((b"www-authenticate", b'Bearer realm="dlbook"'))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

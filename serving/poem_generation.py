@@ -72,6 +72,8 @@ class PoemGenerator:
             keywords = theme_keywords(request.theme, self.vocab, limit=form.lines // 2)
             line_starts = {2 * i: word for i, word in enumerate(keywords)}  # the first line of each couplet
         plan = plan_poem(form, self.vocab, request.prompt, request.acrostic, line_starts)
+        if request.seed is not None and not 0 <= request.seed < 2**62:
+            raise PoemRequestError(f"seed must be a whole number from 0 to 2**62 - 1, got {request.seed}")
         seed = request.seed if request.seed is not None else secrets.randbits(31)
         return [PoemSampler(plan, self.vocab, params, seed + i) for i in range(request.n)]
 

@@ -26,7 +26,7 @@ from serving.artifacts import ArtifactError
 from serving.batching import MicroBatcher
 from serving.config import ServingLimits, default_model, models_for
 from serving.house_pricing import HousePricer
-from serving.http_errors import ApiError, BodyLimitMiddleware, error_response
+from serving.http_errors import ApiError, RequestGuardMiddleware, error_response
 from serving.image_classification import ImageModel
 from serving.image_to_tensor import ImageInputError, ImageLimits, array_to_frame, decode_image, to_dataset_frame
 from serving.metrics import REQUESTS, batch_observer, poem_step_observer
@@ -319,6 +319,6 @@ class DlbookService(ImageAPIs, PriceAPIs, PoemAPIs):
 
 
 for _service in (ImageService, PriceService, PoemService, DlbookService):
-    _service.add_asgi_middleware(BodyLimitMiddleware)
+    _service.add_asgi_middleware(RequestGuardMiddleware)
 
 __all__ = ["DlbookService", "ImageService", "PoemService", "PriceService"]

@@ -23,6 +23,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["DLBOOK_DATA"] = str(DATA_ROOT)
     # A private BentoML model store for the session: tests never touch ~/bentoml.
     os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="dlbook-bentoml-")
+    os.environ["BENTOML_DO_NOT_TRACK"] = "True"  # no usage analytics calls from test servers
     # Runs and processed corpora of this session go to a temporary folder, never to runs/.
     scratch = Path(tempfile.mkdtemp(prefix="dlbook-tests-"))
     os.environ["DLBOOK_RUNS"] = str(scratch / "runs")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_image_to_tensor import png_bomb
 
 from preprocessing import PixelScaling
 from training.datasets.house import load_house_train, read_house_csv
@@ -36,38 +38,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def serve(service: str, log_path: Path, **env: str) -> Iterator[str]:
+    """Run ``bentoml serve`` on a free 127.0.0.1 port until ready; stop it on exit."""
+    port = _free_port()
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", f"serving.service:{service}", "--host", "127.0.0.1",
+             "--port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "DLBOOK_DEVICE": "cpu", **env}, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    pytest.fail(f"{service} did not become ready: {log.read()[-3000:]}")
+                try:
+                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            yield base
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def server(exported: dict[str, dict], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")  # noqa: SIM115 - closed below
-    env = {**os.environ, "DLBOOK_DEVICE": "cpu", "DLBOOK_MAX_IMAGES": "64"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "serving.service:DlbookService", "--host", "127.0.0.1",
-         "--port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited: {log.read()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"server not ready in 120 s: {log.read()[-3000:]}")
-            time.sleep(0.5)
+    with serve("DlbookService", tmp_path_factory.mktemp("server") / "server.log") as base:
         yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def _encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None, **save) -> bytes:
@@ -261,6 +266,10 @@ def test_metrics_report_our_models(server: str) -> None:
         ("/generate_poem", {"acrostic": "一二三四五"}, 422, "acrostic"),
         ("/generate_poem", {"n": 10000}, 400, "n must"),
         ("/generate_poem", {"model": "nope"}, 404, "nope"),
+        ("/generate_poem", {"seed": -1}, 422, "seed"),
+        ("/generate_poem", {"temperature": 0}, 422, "temperature"),
+        ("/generate_poem", {"prompt": "床前明月光" * 13}, 400, "prompt"),
+        ("/generate_poem_stream", {"chars_per_clause": 6}, 422, "chars_per_clause"),
     ],
 )
 def test_bad_requests_get_4xx_with_a_reason(server: str, path: str, body: dict, status: int, fragment: str) -> None:
@@ -268,3 +277,64 @@ def test_bad_requests_get_4xx_with_a_reason(server: str, path: str, body: dict, 
     assert response.status_code == status, response.text
     assert fragment in response.json()["error"]
     assert httpx.get(f"{server}/livez", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "fragment"),
+    [
+        ("wrong field name", 400, "unknown form field"),
+        ("text instead of a file", 400, "must be an uploaded file"),
+        ("zero bytes", 400, "empty"),
+        ("text file named .png", 400, "not an image"),
+        ("truncated png", 400, "truncated"),
+        ("decompression bomb", 413, "pixels"),
+        ("65 images", 413, "limit is 64"),
+        ("13 MB upload", 413, "exceeds"),
+    ],
+)
+def test_hostile_uploads_get_4xx_and_the_worker_stays_up(server: str, case: str, status: int, fragment: str) -> None:
+    png = _encode(load_image_split("mnist", "test").images[0])
+    files: list = []
+    data: dict = {}
+    if case == "wrong field name":
+        files = [("image", ("a.png", png, "image/png"))]
+    elif case == "text instead of a file":
+        data = {"images": "http://127.0.0.1:1/not-fetched.png"}
+        files = [("model", (None, b"fashion-lenet"))]
+    elif case == "zero bytes":
+        files = [("images", ("a.png", b"", "image/png"))]
+    elif case == "text file named .png":
+        files = [("images", ("a.png", (REPO / "README.md").read_bytes()[:2000], "image/png"))]
+    elif case == "truncated png":
+        files = [("images", ("a.png", png[: len(png) // 2], "image/png"))]
+    elif case == "decompression bomb":
+        files = [("images", ("bomb.png", png_bomb(30_000, 30_000), "image/png"))]
+    elif case == "65 images":
+        files = [("images", (f"{i}.png", png, "image/png")) for i in range(65)]
+    else:
+        files = [("images", ("big.png", png + os.urandom(13 * 1024 * 1024), "image/png"))]
+    response = httpx.post(f"{server}/classify", files=files, data=data, timeout=60)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"], response.text
+    assert "Traceback" not in response.text and "/work" not in response.text
+    assert httpx.get(f"{server}/livez", timeout=5).status_code == 200
+    ok = httpx.post(f"{server}/classify", files=[("images", ("a.png", png, "image/png"))], timeout=30)
+    assert ok.status_code == 200
+
+
+def test_api_key_guards_everything_but_health_metrics_and_docs(exported: dict[str, dict],
+                                                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    log = tmp_path_factory.mktemp("keyed") / "server.log"
+    with serve("PriceService", log, DLBOOK_API_KEY="s3cret-key", DLBOOK_PRICE_MODELS="house-price") as base:
+        body = {"records": [{"GrLivArea": 1500}]}
+        missing = httpx.post(f"{base}/predict_price", json=body, timeout=10)
+        assert missing.status_code == 401 and "Bearer" in missing.json()["error"]
+        assert missing.headers["www-authenticate"].startswith("Bearer")
+        wrong = httpx.post(f"{base}/predict_price", json=body, headers={"Authorization": "Bearer s3cret-kez"},
+                           timeout=10)
+        assert wrong.status_code == 401
+        right = httpx.post(f"{base}/predict_price", json=body, headers={"Authorization": "Bearer s3cret-key"},
+                           timeout=10)
+        assert right.status_code == 200 and right.json()["prices"][0] > 0
+        for open_path in ("/livez", "/readyz", "/metrics", "/docs.json"):
+            assert httpx.get(f"{base}{open_path}", timeout=10).status_code == 200, open_path
