@@ -71,14 +71,16 @@ MULTIPART_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 
 def multipart_problem(path: str, content_type: bytes, body: bytes) -> str | None:
     """Why a multipart body does not fit the endpoint, or None when it does."""
+    if not content_type.lower().startswith(b"multipart/form-data"):
+        return None
+    boundary = next((p.split(b"=", 1)[1].strip().strip(b'"') for p in content_type.split(b";")
+                     if p.strip().lower().startswith(b"boundary=")), None)
+    if not boundary:
+        return "multipart body without a boundary; let your HTTP client build the form (or send JSON)"
     fields = MULTIPART_FIELDS.get(path)
-    if fields is None or not content_type.startswith(b"multipart/form-data"):
+    if fields is None:
         return None
     allowed, files = fields
-    boundary = next((p.split(b"=", 1)[1].strip(b'"') for p in content_type.split(b";")
-                     if p.strip().startswith(b"boundary=")), None)
-    if not boundary:
-        return "multipart body without a boundary; let your HTTP client build the form"
     for part in body.split(b"--" + boundary)[1:]:
         if part.startswith(b"--"):
             break
@@ -92,6 +94,50 @@ def multipart_problem(path: str, content_type: bytes, body: bytes) -> str | None
         if field in files and "filename=" not in headers:
             return f"form field {field!r} must be an uploaded file (curl -F {field}=@photo.png), not text"
     return None
+
+
+def describe_validation_error(payload: dict) -> str | None:
+    """BentoML's pydantic 400 (``{"error", "detail": [...]}``) as one sentence naming each field."""
+    detail = payload.get("detail")
+    if not isinstance(detail, list):
+        return None
+    problems = []
+    for item in detail[:10]:
+        if isinstance(item, dict):
+            where = ".".join(str(part) for part in item.get("loc", [])) or "body"
+            problems.append(f"{where}: {item.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(problems) if problems else None
+
+
+def _flatten_validation_errors(send):
+    """Rewrite BentoML's 400 validation bodies into our ``{"error", "status", "request_id"}`` shape."""
+    held: dict = {}
+
+    async def wrapped(message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 400:
+            held["start"], held["body"] = message, b""
+            return
+        if "start" not in held:
+            await send(message)
+            return
+        held["body"] += message.get("body", b"")
+        if message.get("more_body", False):
+            return
+        body = held["body"]
+        try:
+            sentence = describe_validation_error(json.loads(body))
+        except (ValueError, AttributeError):
+            sentence = None
+        if sentence:
+            request_id = uuid.uuid4().hex[:12]
+            logger.info("refused with 400 [request %s]: %s", request_id, sentence)
+            body = json.dumps({"error": sentence, "status": 400, "request_id": request_id}).encode()
+        headers = [(k, v) for k, v in held["start"].get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({**held["start"], "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return wrapped
 
 
 class RequestGuardMiddleware:
@@ -139,6 +185,7 @@ class RequestGuardMiddleware:
             await self._refuse(send, 400, problem)
             return
         replayed = False
+        send = _flatten_validation_errors(send)
 
         async def replay():
             nonlocal replayed

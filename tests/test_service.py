@@ -338,3 +338,31 @@ def test_api_key_guards_everything_but_health_metrics_and_docs(exported: dict[st
         assert right.status_code == 200 and right.json()["prices"][0] > 0
         for open_path in ("/livez", "/readyz", "/metrics", "/docs.json"):
             assert httpx.get(f"{base}{open_path}", timeout=10).status_code == 200, open_path
+
+
+def test_openapi_fuzzing_finds_no_server_error(server: str) -> None:
+    """schemathesis over every operation of /docs.json: no 5xx, every response valid against the schema."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "schemathesis"), "run", f"{server}/docs.json", "--max-examples", "25",
+         "--checks", "not_a_server_error,response_schema_conformance", "--request-timeout", "30",
+         "--seed", "20261123", "--no-color"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "passed" in result.stdout
+
+
+def test_malformed_bodies_are_explained(server: str) -> None:
+    no_boundary = httpx.post(f"{server}/generate_poem", content=b'{"n": 1}',
+                             headers={"content-type": "multipart/form-data"}, timeout=10)
+    assert no_boundary.status_code == 400 and "boundary" in no_boundary.json()["error"]
+    wrong_type = httpx.post(f"{server}/predict_price", json={"records": [], "model": {}}, timeout=10)
+    assert wrong_type.status_code == 400
+    assert wrong_type.json()["error"] == "invalid request: model: Input should be a valid string"
+    broken = httpx.post(f"{server}/predict_price", content=b'{"records": [', timeout=10,
+                        headers={"content-type": "application/json"})
+    assert broken.status_code == 400 and "Invalid JSON" in broken.json()["error"]
+    nested = httpx.post(f"{server}/predict_price", content=b'{"records": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                        timeout=30, headers={"content-type": "application/json"})
+    assert nested.status_code == 400
+    assert httpx.get(f"{server}/livez", timeout=5).status_code == 200
