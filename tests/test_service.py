@@ -39,8 +39,8 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(service: str, log_path: Path, **env: str) -> Iterator[str]:
-    """Run ``bentoml serve`` on a free 127.0.0.1 port until ready; stop it on exit."""
+def serve(service: str, log_path: Path, ready_path: str = "/readyz", **env: str) -> Iterator[str]:
+    """Run ``bentoml serve`` on a free 127.0.0.1 port until ``ready_path`` answers 200; stop it on exit."""
     port = _free_port()
     with open(log_path, "w+") as log:
         proc = subprocess.Popen(
@@ -55,7 +55,7 @@ def serve(service: str, log_path: Path, **env: str) -> Iterator[str]:
                     log.seek(0)
                     pytest.fail(f"{service} did not become ready: {log.read()[-3000:]}")
                 try:
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    if httpx.get(f"{base}{ready_path}", timeout=2).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
@@ -366,3 +366,32 @@ def test_malformed_bodies_are_explained(server: str) -> None:
                         timeout=30, headers={"content-type": "application/json"})
     assert nested.status_code == 400
     assert httpx.get(f"{server}/livez", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("damage", ["corrupted", "missing"])
+def test_a_damaged_model_keeps_the_service_unready_and_says_which_file(
+        exported: dict[str, dict], tmp_path: Path, damage: str) -> None:
+    import shutil
+
+    import bentoml
+
+    store = Path(os.environ["BENTOML_HOME"]) / "models" / "house-price"
+    home = tmp_path / "bentoml"
+    shutil.copytree(store, home / "models" / "house-price")
+    version = exported["price_mlp"]["tag"].split(":")[1]
+    onnx_file = home / "models" / "house-price" / version / "model.onnx"
+    if damage == "corrupted":
+        data = bytearray(onnx_file.read_bytes())
+        data[100] ^= 0xFF
+        onnx_file.write_bytes(bytes(data))
+    else:
+        onnx_file.unlink()
+    pin = {"DLBOOK_MODEL_HOUSE_PRICE": f"house-price:{version}"}
+    with serve("PriceService", tmp_path / "server.log", ready_path="/livez", BENTOML_HOME=str(home), **pin) as base:
+        ready = httpx.get(f"{base}/readyz", timeout=10)
+        assert ready.status_code == 503
+        problems = httpx.post(f"{base}/models", json={}, timeout=10).json()["problems"]
+        assert any("model.onnx" in p for p in problems), problems
+        refused = httpx.post(f"{base}/predict_price", json={"records": [{"GrLivArea": 1000}]}, timeout=10)
+        assert refused.status_code == 503 and "model.onnx" in refused.json()["error"]
+    assert bentoml  # the session store itself was not touched
