@@ -43,10 +43,12 @@ class PoemEngine:
     _task: asyncio.Task | None = None
 
     def _ensure_loop(self) -> None:
-        if self._pending is None:
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            # first use, or a new event loop (tests, a restarted worker): start clean on this loop
             self._pending = asyncio.Queue()
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._live = []
+            self._task = loop.create_task(self._run())
 
     async def stream(self, sampler: PoemSampler) -> AsyncIterator[str]:
         """Characters of one poem as the shared loop produces them."""

@@ -86,6 +86,16 @@ def character_mask(vocab: Vocabulary) -> np.ndarray:
     return _character_mask(tuple(vocab.tokens))
 
 
+@cache
+def _character_ids(tokens: tuple[str, ...]) -> np.ndarray:
+    return np.flatnonzero(_character_mask(tokens))
+
+
+def character_ids(vocab: Vocabulary) -> np.ndarray:
+    """Ids a character slot may take, in vocabulary order."""
+    return _character_ids(tuple(vocab.tokens))
+
+
 def clean_prompt(prompt: str) -> str:
     return _PROMPT_MARKS.sub("", prompt)
 
@@ -138,31 +148,49 @@ def plan_poem(form: PoemForm, vocab: Vocabulary, prompt: str = "", acrostic: str
     return plan
 
 
-def sample_next(logits: np.ndarray, allowed: np.ndarray, generated: list[int], params: SamplingParams,
+NUCLEUS_CANDIDATES = 256
+
+
+def _nucleus(order: np.ndarray, probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Of ``order`` (most probable first), the smallest prefix whose probability mass reaches ``top_p``."""
+    cumulative = np.cumsum(probs[order])
+    return order[: int(np.searchsorted(cumulative, top_p)) + 1]
+
+
+def sample_next(logits: np.ndarray, allowed_ids: np.ndarray, generated: list[int], params: SamplingParams,
                 rng: np.random.Generator) -> int:
-    """One character id from ``logits [V]``: penalty → mask → temperature → top-k → top-p → draw."""
+    """One character id from ``logits [V]``: penalty → mask → temperature → top-k → top-p → draw.
+
+    Everything after the mask works on candidate ids, not on all V (≈ 6,000) entries: a full sort
+    per token was 70% of decoding time. The nucleus is looked for among the most probable
+    ``NUCLEUS_CANDIDATES`` first and among all candidates only when those do not reach ``top_p``,
+    so the kept set is exactly the one a full sort would give.
+    """
     x = logits.astype(np.float64, copy=True)
     if params.repetition_penalty != 1.0 and generated:
         seen = np.unique(np.asarray(generated))
         x[seen] = np.where(x[seen] > 0, x[seen] / params.repetition_penalty, x[seen] * params.repetition_penalty)
-    x[~allowed] = -np.inf
-    x /= params.temperature
-    n_allowed = int(allowed.sum())
-    if 0 < params.top_k < n_allowed:
-        kth = np.partition(x, -params.top_k)[-params.top_k]
-        x[x < kth] = -np.inf
-    x -= x.max()
-    probs = np.exp(x)
+    candidates = allowed_ids
+    scores = x[candidates] / params.temperature
+    if 0 < params.top_k < len(candidates):
+        top = np.argpartition(-scores, params.top_k - 1)[: params.top_k]
+        candidates, scores = candidates[top], scores[top]
+    scores -= scores.max()
+    probs = np.exp(scores)
     probs /= probs.sum()
     if params.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
-        keep = order[: int(np.searchsorted(cumulative, params.top_p)) + 1]
-        trimmed = np.zeros_like(probs)
-        trimmed[keep] = probs[keep]
-        probs = trimmed / trimmed.sum()
+        if len(probs) > NUCLEUS_CANDIDATES:
+            head = np.argpartition(-probs, NUCLEUS_CANDIDATES - 1)[:NUCLEUS_CANDIDATES]
+            head = head[np.argsort(-probs[head], kind="stable")]
+            if probs[head].sum() < params.top_p:
+                head = np.argsort(-probs, kind="stable")
+        else:
+            head = np.argsort(-probs, kind="stable")
+        keep = _nucleus(head, probs, params.top_p)
+        candidates, probs = candidates[keep], probs[keep] / probs[keep].sum()
     cumulative = np.cumsum(probs)
-    return int(min(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"), len(probs) - 1))
+    pick = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+    return int(candidates[min(pick, len(candidates) - 1)])
 
 
 @dataclass
@@ -177,7 +205,7 @@ class PoemSampler:
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
-        self.allowed = character_mask(self.vocab)
+        self.allowed_ids = character_ids(self.vocab)
 
     @property
     def done(self) -> bool:
@@ -190,7 +218,10 @@ class PoemSampler:
     def advance(self, logits: np.ndarray) -> str:
         """Choose the next slot's token from the logits that followed ``next_input``; return its text."""
         forced = self.plan[len(self.tokens)]
-        token = forced if forced is not None else sample_next(logits, self.allowed, self.tokens, self.params, self.rng)
+        if forced is not None:
+            token = forced
+        else:
+            token = sample_next(logits, self.allowed_ids, self.tokens, self.params, self.rng)
         self.tokens.append(token)
         return self.vocab.tokens[token]
 

@@ -1,0 +1,85 @@
+"""Form-constrained sampling without a model: plans, masks, top-k/top-p and seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from preprocessing import Vocabulary
+from serving.poem_sampling import (
+    PoemForm,
+    PoemRequestError,
+    PoemSampler,
+    SamplingParams,
+    character_ids,
+    plan_poem,
+    sample_next,
+)
+from training.datasets.poems import read_tang300
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Vocabulary:
+    return Vocabulary.build(read_tang300())
+
+
+def test_plan_forces_marks_prompt_and_acrostic(vocab: Vocabulary) -> None:
+    form = PoemForm(5, 4)
+    plan = plan_poem(form, vocab, prompt="春眠，不觉", acrostic="春处夜花")
+    text = ["·" if t is None else vocab.tokens[t] for t in plan]
+    assert "".join(text) == "春眠不觉·，处····。夜····，花····。"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"prompt": "春😀"}, "never saw"), ({"acrostic": "一二三四五"}, "5 characters"),
+     ({"prompt": "夜" * 21}, "holds 20"), ({"prompt": "床", "acrostic": "春"}, "disagree")],
+)
+def test_impossible_plans_are_refused(vocab: Vocabulary, kwargs: dict, message: str) -> None:
+    with pytest.raises(PoemRequestError, match=message):
+        plan_poem(PoemForm(5, 4), vocab, **kwargs)
+
+
+def test_sampling_respects_mask_top_k_and_top_p(vocab: Vocabulary) -> None:
+    ids = character_ids(vocab)
+    assert vocab.unk_id not in ids and vocab.id_of("，") not in ids and vocab.id_of("。") not in ids
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=len(vocab))
+    logits[vocab.unk_id] = logits[vocab.id_of("。")] = 100.0  # never drawn, however likely
+    best = ids[np.argsort(-logits[ids])[:3]]
+    draws = {sample_next(logits, ids, [], SamplingParams(1.0, top_k=3, top_p=1.0, repetition_penalty=1.0), rng)
+             for _ in range(300)}
+    assert draws == set(best.tolist())
+    peaked = np.full(len(vocab), -10.0)
+    peaked[ids[0]], peaked[ids[1]] = 5.0, 4.0  # ids[0] alone holds about 73% of the mass
+    only_top = {sample_next(peaked, ids, [], SamplingParams(1.0, top_p=0.5, repetition_penalty=1.0), rng)
+                for _ in range(200)}
+    assert only_top == {int(ids[0])}
+    wide = {sample_next(peaked, ids, [], SamplingParams(1.0, top_p=0.9, repetition_penalty=1.0), rng)
+            for _ in range(400)}
+    assert wide == {int(ids[0]), int(ids[1])}
+
+
+def test_same_seed_same_poem_and_exact_form(vocab: Vocabulary) -> None:
+    form = PoemForm(7, 8)
+    plan = plan_poem(form, vocab)
+    rng = np.random.default_rng(1)
+    logits_per_step = rng.normal(size=(form.slots, len(vocab)))
+
+    def write(seed: int) -> str:
+        sampler = PoemSampler(plan, vocab, SamplingParams(), seed)
+        for step in range(form.slots):
+            sampler.advance(logits_per_step[step])
+        assert sampler.done
+        return sampler.text
+
+    poem = write(5)
+    assert poem == write(5) and poem != write(6)
+    assert len(poem) == 64 and poem[7] == "，" and poem[15] == "。" and poem[-1] == "。"
+
+
+@pytest.mark.parametrize("bad", [{"temperature": 0.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1},
+                                 {"repetition_penalty": 0.5}, {"temperature": float("nan")}])
+def test_sampling_parameters_out_of_range(bad: dict) -> None:
+    with pytest.raises(PoemRequestError):
+        SamplingParams(**bad)
