@@ -1,0 +1,95 @@
+"""Poem generation throughput, in process: the engine against its own ceiling, A/B alternated.
+
+    python loadtests/poem_throughput.py [--model tang-poem] [--rounds 3] [--streams 16]
+
+Three measurements per round, alternated so drift on a shared machine hits all of them alike:
+- ceiling: the exported step graph plus our sampling code at batch ``streams``, a plain loop, no
+  engine, no asyncio: the most continuous batching could reach here;
+- batched: ``streams`` concurrent poems through ``PoemEngine`` (continuous batching);
+- one by one: the same poems through the engine, sequentially.
+Each poem is 8 lines of 7 characters (64 tokens with marks). Figures are characters per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from pathlib import Path
+
+import bentoml
+import numpy as np
+
+from preprocessing import Vocabulary
+from serving.artifacts import verify_model_dir
+from serving.poem_engine import PoemEngine
+from serving.poem_sampling import PoemForm, PoemSampler, SamplingParams, plan_poem
+from serving.runtime import OnnxModel
+
+FORM = PoemForm(7, 8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tang-poem")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--streams", type=int, default=16)
+    args = parser.parse_args()
+
+    path = Path(bentoml.models.get(f"{args.model}:latest").path)
+    meta = verify_model_dir(path)
+    vocab = Vocabulary.from_dict(meta["preprocessing"]["vocab"])
+    layers, hidden = meta["config"]["num_layers"], meta["config"]["hidden_size"]
+    onnx = OnnxModel(path / "model.onnx")
+    plan = plan_poem(FORM, vocab)
+    params = SamplingParams()
+
+    def samplers(offset: int) -> list[PoemSampler]:
+        return [PoemSampler(plan, vocab, params, seed=offset + i) for i in range(args.streams)]
+
+    def ceiling() -> float:
+        batch = samplers(0)
+        state = np.zeros((layers, len(batch), hidden), np.float32)
+        began = time.perf_counter()
+        while not batch[0].done:
+            tokens = np.array([s.next_input for s in batch], np.int64)
+            logits, state = onnx.run({"token": tokens, "hidden": state})
+            for i, s in enumerate(batch):
+                s.advance(logits[i])
+        return FORM.slots * len(batch) / (time.perf_counter() - began)
+
+    engine = PoemEngine(onnx, layers, hidden)
+
+    async def batched() -> float:
+        began = time.perf_counter()
+        poems = await asyncio.gather(*[engine.generate(s) for s in samplers(100)])
+        return sum(map(len, poems)) / (time.perf_counter() - began)
+
+    async def one_by_one() -> float:
+        began = time.perf_counter()
+        total = 0
+        for s in samplers(200):
+            total += len(await engine.generate(s))
+        return total / (time.perf_counter() - began)
+
+    async def run() -> dict[str, list[float]]:
+        await batched()  # warm-up
+        results: dict[str, list[float]] = {"ceiling": [], "batched": [], "one_by_one": []}
+        for _ in range(args.rounds):
+            results["ceiling"].append(ceiling())
+            results["batched"].append(await batched())
+            results["one_by_one"].append(await one_by_one())
+        return results
+
+    results = asyncio.run(run())
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"model {args.model}, {args.streams} streams, {args.rounds} rounds, provider {onnx.provider}")
+    for key, values in results.items():
+        print(f"  {key:11} median {med[key]:8.0f} chars/s   rounds: {', '.join(f'{v:.0f}' for v in values)}")
+    print(f"  batched / ceiling    = {med['batched'] / med['ceiling']:.2f}  (target ≥ 0.7)")
+    print(f"  batched / one_by_one = {med['batched'] / med['one_by_one']:.2f}  (target ≥ 3)")
+
+
+if __name__ == "__main__":
+    main()
