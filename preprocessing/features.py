@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 
 MISSING_CATEGORY = "NaN"
+# How the Kaggle CSV (and pandas, for the textbook) spells a missing value: read as missing everywhere.
+MISSING_STRINGS = frozenset({"", "NA", "?", "nan", "NaN"})
+FLOAT32_MAX = 3.4e38
 
 
 class RecordError(ValueError):
@@ -90,7 +93,8 @@ class FeatureSpec:
             numeric.append(NumericFeature(name, mean, std, use_log, non_negative))
         categorical = []
         for name in categorical_columns:
-            seen = {MISSING_CATEGORY if r.get(name) is None else str(r[name]) for r in records}
+            seen = {MISSING_CATEGORY if r.get(name) is None or r[name] in MISSING_STRINGS else str(r[name])
+                    for r in records}
             categorical.append(CategoricalFeature(name, tuple(sorted(seen))))
         return cls(numeric, categorical)
 
@@ -124,8 +128,13 @@ class FeatureSpec:
             if kind == "numeric":
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     raise RecordError(index, name, f"expected a number or null, got {type(value).__name__}")
-                if not math.isfinite(value):
-                    raise RecordError(index, name, "must be a finite number (NaN and Infinity are not allowed)")
+                try:
+                    finite = math.isfinite(value) and abs(value) < FLOAT32_MAX
+                except OverflowError:  # an integer too large for a float
+                    finite = False
+                if not finite:
+                    raise RecordError(index, name, "must be a finite number of sensible size "
+                                                   "(NaN, Infinity and values beyond 3.4e38 are not allowed)")
             elif not isinstance(value, str):
                 raise RecordError(index, name, f"expected a string or null, got {type(value).__name__}")
         for feature in self.numeric:
@@ -148,7 +157,7 @@ class FeatureSpec:
             col = len(self.numeric)
             for f in self.categorical:
                 value = record.get(f.name)
-                key = MISSING_CATEGORY if value is None else value
+                key = MISSING_CATEGORY if value is None or value in MISSING_STRINGS else value
                 # An unseen category stays all zeros, as the textbook's handle_unknown="ignore".
                 if key in f.categories:
                     out[i, col + f.categories.index(key)] = 1.0

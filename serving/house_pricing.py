@@ -22,6 +22,8 @@ class HousePricer:
         return self.spec.encode_records(records)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        """Dollars per row: the model predicts log(price)."""
+        """Dollars per row (NaN where the inputs were too extreme for a finite price)."""
         (log_price,) = self.model.onnx.run({"features": np.ascontiguousarray(features, dtype=np.float32)})
-        return np.exp(log_price.astype(np.float64))
+        with np.errstate(over="ignore", invalid="ignore"):
+            prices = np.exp(log_price.astype(np.float64))
+        return np.where(np.isfinite(prices), prices, np.nan)

@@ -12,9 +12,9 @@ import hmac
 import json
 import logging
 import os
-import re
 import uuid
 
+from python_multipart.multipart import parse_options_header
 from starlette.responses import JSONResponse
 
 logger = logging.getLogger("dlbook.serving")
@@ -69,29 +69,42 @@ MULTIPART_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 }
 
 
+def _disposition(headers: bytes) -> dict[bytes, bytes] | None:
+    """The parameters of a part's Content-Disposition header, parsed as Starlette parses them."""
+    for line in headers.split(b"\r\n"):
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"content-disposition":
+            return parse_options_header(value.strip())[1]
+    return None
+
+
 def multipart_problem(path: str, content_type: bytes, body: bytes) -> str | None:
-    """Why a multipart body does not fit the endpoint, or None when it does."""
+    """Why a multipart body does not fit the endpoint, or None when it does.
+
+    Every endpoint: a boundary, a named Content-Disposition per part, and files only in the fields
+    that take files (BentoML answers a file elsewhere with 500). Endpoints in ``MULTIPART_FIELDS``
+    also refuse unknown fields and text where a file belongs (BentoML would fetch it as a URL).
+    """
     if not content_type.lower().startswith(b"multipart/form-data"):
         return None
     boundary = next((p.split(b"=", 1)[1].strip().strip(b'"') for p in content_type.split(b";")
                      if p.strip().lower().startswith(b"boundary=")), None)
     if not boundary:
         return "multipart body without a boundary; let your HTTP client build the form (or send JSON)"
-    fields = MULTIPART_FIELDS.get(path)
-    if fields is None:
-        return None
-    allowed, files = fields
+    allowed, files = MULTIPART_FIELDS.get(path, (None, frozenset()))
     for part in body.split(b"--" + boundary)[1:]:
         if part.startswith(b"--"):
             break
-        headers = part.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
-        name = re.search(r'name="([^"]*)"', headers)
-        if name is None:
-            return "a multipart part has no name"
-        field = name.group(1)
-        if field not in allowed:
+        params = _disposition(part.lstrip(b"\r\n").split(b"\r\n\r\n", 1)[0])
+        if params is None or b"name" not in params:
+            return "a multipart part has no Content-Disposition name; let your HTTP client build the form"
+        field = params[b"name"].decode("utf-8", "replace")
+        if allowed is not None and field not in allowed:
             return f"unknown form field {field!r}; this endpoint takes {', '.join(sorted(allowed))}"
-        if field in files and "filename=" not in headers:
+        is_file = b"filename" in params
+        if is_file and field not in files:
+            return f"form field {field!r} takes a value, not an uploaded file"
+        if field in files and not is_file:
             return f"form field {field!r} must be an uploaded file (curl -F {field}=@photo.png), not text"
     return None
 

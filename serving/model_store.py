@@ -68,6 +68,8 @@ def load_exported(name: str, runtime: RuntimeConfig | None = None) -> ExportedMo
     except bentoml.exceptions.NotFound as err:
         raise ModelNotFound(f"model {tag} is not in the BentoML store; export it with "
                             "`python -m training export <run>` (see `bentoml models list`)") from err
+    except bentoml.exceptions.BentoMLException as err:
+        raise ModelNotFound(f"model tag {tag!r} is malformed ({err}); use name or name:version") from err
     path = Path(model.path)
     meta = verify_model_dir(path)
     try:

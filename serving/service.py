@@ -58,11 +58,22 @@ class _Base:
         for name in names:
             try:
                 models[name] = load_exported(name)
-            except (ModelNotFound, ArtifactError) as err:
-                self.load_errors.append(str(err))
+            except (ModelNotFound, ArtifactError, bentoml.exceptions.BentoMLException) as err:
+                self.load_errors.append(f"{name}: {err}")
                 logger.error("cannot load %s: %s", name, err)
         self.loaded.update(models)
         return models
+
+    def _build(self, models: dict[str, ExportedModel], build: Any) -> dict[str, Any]:
+        """``build(model)`` for each model; one that fails is reported by /readyz, not fatal to the worker."""
+        built = {}
+        for name, model in models.items():
+            try:
+                built[name] = build(model)
+            except Exception as err:  # noqa: BLE001 - any failure here must leave the worker up
+                self.load_errors.append(f"{name}: cannot start ({type(err).__name__}: {err})")
+                logger.exception("cannot start %s", name)
+        return built
 
     def _pick(self, task: str, available: dict[str, Any], requested: str, fallback: str) -> tuple[str, Any]:
         if not available:
@@ -85,7 +96,7 @@ class _Base:
 
 class ImageAPIs(_Base):
     def _init_images(self) -> None:
-        self.image_models = {n: ImageModel(m) for n, m in self._load_task("image").items()}
+        self.image_models = self._build(self._load_task("image"), ImageModel)
         self.image_batchers = {
             n: MicroBatcher(m.probabilities, self.limits.max_batch, batch_observer(n, m.model.provider))
             for n, m in self.image_models.items()
@@ -154,7 +165,7 @@ class ImageAPIs(_Base):
 
 class PriceAPIs(_Base):
     def _init_prices(self) -> None:
-        self.pricers = {n: HousePricer(m) for n, m in self._load_task("price").items()}
+        self.pricers = self._build(self._load_task("price"), HousePricer)
         self.price_batchers = {
             n: MicroBatcher(p.predict, self.limits.max_batch, batch_observer(n, p.model.provider))
             for n, p in self.pricers.items()
@@ -176,6 +187,10 @@ class PriceAPIs(_Base):
                 raise ApiError(str(err), 422) from err
             REQUESTS.labels("predict_price", name).inc()
             prices = await self.price_batchers[name].submit(features)
+            bad = [i for i, p in enumerate(prices) if not np.isfinite(p)]
+            if bad:
+                raise ApiError(f"records {bad[:10]} give no finite price: their values are far outside anything "
+                               "in the training data; check units and magnitudes", 422)
             return {"model": name, "version": pricer.model.tag.split(":")[1],
                     "prices": [round(float(p), 2) for p in prices]}
         except ApiError as err:
@@ -184,10 +199,9 @@ class PriceAPIs(_Base):
 
 class PoemAPIs(_Base):
     def _init_poems(self) -> None:
-        self.poem_generators = {
-            n: PoemGenerator(m, self.limits.max_poem_batch, poem_step_observer(n, m.provider))
-            for n, m in self._load_task("poem").items()
-        }
+        self.poem_generators = self._build(
+            self._load_task("poem"),
+            lambda m: PoemGenerator(m, self.limits.max_poem_batch, poem_step_observer(m.name, m.provider)))
 
     def _poem_request(self, model: str, params: dict[str, Any]) -> tuple[str, PoemGenerator, list]:
         name, generator = self._pick("poem", self.poem_generators, model, "tang-poem")

@@ -24,7 +24,6 @@ def empty_roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr("training.paths.RAW_DATA_DIR", raw)
     monkeypatch.setattr("training.paths.SHARED_DATA_DIR", tmp_path / "no-shared")
     monkeypatch.setattr(fetch_module, "RAW_DATA_DIR", raw)
-    monkeypatch.setattr(fetch_module, "SHARED_DATA_DIR", tmp_path / "no-shared")
     return raw
 
 

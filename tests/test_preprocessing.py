@@ -71,6 +71,8 @@ def test_feature_spec_missing_unseen_and_round_trip(house_spec: tuple[FeatureSpe
     assert unseen[hood].sum() == 0
     restored = FeatureSpec.from_dict(spec.to_dict())
     np.testing.assert_array_equal(restored.encode_records(records[1000:1100]), spec.encode_records(records[1000:1100]))
+    # the CSV's own spellings of "missing" mean missing in a request too, as they did in training
+    np.testing.assert_array_equal(spec.encode_records([{"Alley": "NA"}]), spec.encode_records([{}]))
     with_extras = dict(records[0], Id=1, SalePrice=100000)
     np.testing.assert_array_equal(spec.encode_records([with_extras]), spec.encode_records([records[0]]))
 
@@ -85,6 +87,8 @@ def test_feature_spec_missing_unseen_and_round_trip(house_spec: tuple[FeatureSpe
         ({"LotArea": math.inf}, "LotArea"),
         ({"GrLivArea": -5}, "GrLivArea"),
         ({"Neighborhood": 3}, "Neighborhood"),
+        ({"LotArea": 10**400}, "LotArea"),
+        ({"LotArea": 1e300}, "LotArea"),
     ],
 )
 def test_feature_spec_refuses_bad_records(house_spec: tuple[FeatureSpec, list[dict]], record: dict, field: str) -> None:

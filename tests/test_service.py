@@ -290,6 +290,8 @@ def test_bad_requests_get_4xx_with_a_reason(server: str, path: str, body: dict, 
         ("decompression bomb", 413, "pixels"),
         ("65 images", 413, "limit is 64"),
         ("13 MB upload", 413, "exceeds"),
+        ("file in a value field", 400, "takes a value"),
+        ("disguised text part", 400, "must be an uploaded file"),
     ],
 )
 def test_hostile_uploads_get_4xx_and_the_worker_stays_up(server: str, case: str, status: int, fragment: str) -> None:
@@ -309,6 +311,15 @@ def test_hostile_uploads_get_4xx_and_the_worker_stays_up(server: str, case: str,
         files = [("images", ("a.png", png[: len(png) // 2], "image/png"))]
     elif case == "decompression bomb":
         files = [("images", ("bomb.png", png_bomb(30_000, 30_000), "image/png"))]
+    elif case == "file in a value field":
+        files = [("images", ("a.png", png, "image/png")), ("model", ("m.png", png, "image/png"))]
+    elif case == "disguised text part":
+        raw = (b'--B\r\nContent-Disposition: form-data; name="images"; xfilename="a"\r\n\r\n'
+               b"http://example.com/a.png\r\n--B--\r\n")
+        response = httpx.post(f"{server}/classify", content=raw, timeout=30,
+                              headers={"content-type": "multipart/form-data; boundary=B"})
+        assert response.status_code == status and fragment in response.json()["error"]
+        return
     elif case == "65 images":
         files = [("images", (f"{i}.png", png, "image/png")) for i in range(65)]
     else:
@@ -395,3 +406,12 @@ def test_a_damaged_model_keeps_the_service_unready_and_says_which_file(
         refused = httpx.post(f"{base}/predict_price", json={"records": [{"GrLivArea": 1000}]}, timeout=10)
         assert refused.status_code == 503 and "model.onnx" in refused.json()["error"]
     assert bentoml  # the session store itself was not touched
+
+
+def test_multipart_parameters_in_any_order_are_accepted(server: str) -> None:
+    png = _encode(load_image_split("mnist", "test").images[0])
+    raw = (b'--B\r\nContent-Disposition: form-data; filename="a.png"; name="images"\r\n'
+           b"Content-Type: image/png\r\n\r\n" + png + b"\r\n--B--\r\n")
+    response = httpx.post(f"{server}/classify", content=raw, timeout=30,
+                          headers={"content-type": "multipart/form-data; boundary=B"})
+    assert response.status_code == 200, response.text

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from training.datasets.images import parse_idx
 from training.datasets.sources import DATASETS, SHARED_DATA_DIR_HINT, DataMissingError, DataSet, find_dataset
-from training.paths import RAW_DATA_DIR, SHARED_DATA_DIR
+from training.paths import RAW_DATA_DIR
 
 NPM_POETRY = "https://registry.npmjs.org/chinese-poetry/2.0.1"
 OPENML_HOUSE = "https://api.openml.org/api/v1/json/data/42165"
@@ -48,13 +48,23 @@ def _validate(ds: DataSet, name: str, data: bytes) -> None:
         except (ValueError, OSError, EOFError) as err:
             raise DataMissingError(f"{name} is not a valid IDX file: {err}") from err
     elif name.endswith(".csv"):
-        header = data[:2000].decode("utf-8", "replace").splitlines()[0]
-        if "SalePrice" not in header and name == "train.csv":
+        lines = data[:4000].decode("utf-8", "replace").splitlines()
+        if len(lines) < 2 or "Id" not in lines[0]:
+            raise DataMissingError(f"{name}: expected a House Prices CSV with a header and rows")
+        if name == "train.csv" and "SalePrice" not in lines[0]:
             raise DataMissingError(f"{name} has no SalePrice column: not the House Prices train.csv")
     elif name.endswith(".jsonl.gz"):
-        first = gzip.decompress(data).split(b"\n", 1)[0]
+        try:
+            first = gzip.decompress(data).split(b"\n", 1)[0]
+        except (OSError, EOFError) as err:
+            raise DataMissingError(f"{name}: not a gzip file ({err})") from err
         if b"paragraphs" not in first:
             raise DataMissingError(f"{name}: expected JSON lines with 'paragraphs'")
+    elif name.endswith(".txt"):
+        text = data.decode("utf-8", "replace")
+        poems = [line for line in text.splitlines() if line.strip()]
+        if len(poems) < 10 or not any("，" in p for p in poems):
+            raise DataMissingError(f"{name}: expected one poem per line with ，。 punctuation")
 
 
 def _write(ds: DataSet, files: dict[str, bytes]) -> Path:
@@ -162,9 +172,6 @@ def fetch(name: str, source: str | Path | None = None, force: bool = False) -> s
     if source is not None:
         target, notes = import_from(ds, Path(source))
         return f"{name}: imported into {target} ({'; '.join(notes)})"
-    if SHARED_DATA_DIR.is_dir() and not force:
-        target, notes = import_from(ds, SHARED_DATA_DIR)
-        return f"{name}: imported from {SHARED_DATA_DIR} into {target}"
     try:
         if ds.fetcher == "files":
             files = _download_files(ds)

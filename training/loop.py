@@ -109,6 +109,10 @@ def fit(
         model.load_state_dict(ckpt["model"])
         best_state = ckpt["best_state"]
         generator.set_state(ckpt["generator"])
+        # dropout draws from torch's global generator: continue its stream, not the seed's start
+        torch.set_rng_state(ckpt["torch_rng"])
+        if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         start_epoch, bad_epochs = ckpt["epoch"], ckpt["bad_epochs"]
         result = ckpt["result"]
         optimizer_state, scheduler_state = ckpt["optimizer"], ckpt["scheduler"]
@@ -168,6 +172,8 @@ def fit(
         tqdm.write(" ".join(f"{k}={v}" for k, v in shown.items()))
         _save_atomic(
             {"model": model.state_dict(), "best_state": best_state, "generator": generator.get_state(),
+             "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
              "epoch": epoch + 1, "bad_epochs": bad_epochs, "result": result, "phase_index": phase_index,
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
             checkpoint_path,

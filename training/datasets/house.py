@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from preprocessing.features import MISSING_STRINGS
 from training.datasets.sources import find_dataset
 
 TARGET = "SalePrice"
 ID_COLUMN = "Id"
-_MISSING = {"", "NA", "?", "nan", "NaN"}
 
 
 def _as_number(text: str) -> float | None:
@@ -47,7 +47,7 @@ def read_house_csv(path: str | Path, numeric_columns: list[str] | None = None) -
     if numeric_columns is None:
         numeric_columns = [
             c for c in columns
-            if all(r[c] in _MISSING or _as_number(r[c]) is not None for r in rows)
+            if all(r[c] in MISSING_STRINGS or _as_number(r[c]) is not None for r in rows)
         ]
     numeric = set(numeric_columns)
     records = []
@@ -55,7 +55,7 @@ def read_house_csv(path: str | Path, numeric_columns: list[str] | None = None) -
         record: dict[str, Any] = {}
         for c in columns:
             v = r[c]
-            if v in _MISSING:
+            if v in MISSING_STRINGS:
                 record[c] = None
             elif c in numeric:
                 record[c] = _as_number(v)
