@@ -260,6 +260,8 @@ def test_metrics_report_our_models(server: str) -> None:
         ("/classify_pixels", {"images": []}, 400, "no image"),
         ("/classify_pixels", {"images": [np.zeros((28, 28)).tolist()], "top_k": 11}, 400, "top_k"),
         ("/predict_price", {"records": []}, 400, "empty"),
+        ("/predict_price", {"records": [{}] * 1001}, 413, "limit is 1000"),
+        ("/predict_price", {"records": [[1, 2]]}, 422, "expected an object"),
         ("/predict_price", {"records": [{"Colour": "red"}]}, 422, "Colour"),
         ("/predict_price", {"records": [{"LotArea": -3}]}, 422, "LotArea"),
         ("/generate_poem", {"top_p": 1.5}, 422, "top_p"),
