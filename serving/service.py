@@ -103,9 +103,11 @@ class ImageAPIs(_Base):
         }
         self.image_limits = ImageLimits()
 
-    async def _classify(self, endpoint: str, model: str, frames: list[np.ndarray], top_k: int,
-                        return_frame: bool) -> dict[str, Any]:
-        name, image_model = self._pick("image", self.image_models, model, "fashion-lenet")
+    def _pick_image_model(self, model: str) -> tuple[str, ImageModel]:
+        return self._pick("image", self.image_models, model, "fashion-lenet")
+
+    async def _classify(self, endpoint: str, name: str, image_model: ImageModel, frames: list[np.ndarray],
+                        top_k: int, return_frame: bool) -> dict[str, Any]:
         REQUESTS.labels(endpoint, name).inc()
         probs = await self.image_batchers[name].submit(np.stack(frames))
         predictions = []
@@ -135,7 +137,7 @@ class ImageAPIs(_Base):
         """
         try:
             self._check_image_request(len(images), top_k)
-            name, image_model = self._pick("image", self.image_models, model, "fashion-lenet")
+            name, image_model = self._pick_image_model(model)
             frames = []
             for i, path in enumerate(images):
                 try:
@@ -143,7 +145,7 @@ class ImageAPIs(_Base):
                     frames.append(to_dataset_frame(gray, image_model.dataset))
                 except ImageInputError as err:
                     raise ApiError(f"image {i + 1}: {err.message}", err.status) from err
-            return await self._classify("classify", name, frames, top_k, return_frame)
+            return await self._classify("classify", name, image_model, frames, top_k, return_frame)
         except ApiError as err:
             return error_response(err.message, err.status, "classify")
 
@@ -152,13 +154,14 @@ class ImageAPIs(_Base):
         """Classify 28×28 arrays (0–255, or 0–1 floats), light on dark as in the data sets."""
         try:
             self._check_image_request(len(images), top_k)
+            name, image_model = self._pick_image_model(model)
             frames = []
             for i, pixels in enumerate(images):
                 try:
                     frames.append(array_to_frame(pixels))
                 except ImageInputError as err:
                     raise ApiError(f"image {i + 1}: {err.message}", err.status) from err
-            return await self._classify("classify_pixels", model, frames, top_k, False)
+            return await self._classify("classify_pixels", name, image_model, frames, top_k, False)
         except ApiError as err:
             return error_response(err.message, err.status, "classify_pixels")
 
