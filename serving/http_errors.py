@@ -29,13 +29,18 @@ class ApiError(Exception):
         self.status = status
 
 
-def error_response(message: str, status: int, endpoint: str) -> JSONResponse:
+def refusal(message: str, status: int, endpoint: str) -> dict:
+    """The one shape of every refusal: counted, logged with a request id, and returned as a body."""
     from serving.metrics import ERRORS
 
     ERRORS.labels(endpoint, str(status)).inc()
     request_id = uuid.uuid4().hex[:12]
     logger.info("refused %s with %d [request %s]: %s", endpoint, status, request_id, message)
-    return JSONResponse({"error": message, "status": status, "request_id": request_id}, status_code=status)
+    return {"error": message, "status": status, "request_id": request_id}
+
+
+def error_response(message: str, status: int, endpoint: str) -> JSONResponse:
+    return JSONResponse(refusal(message, status, endpoint), status_code=status)
 
 
 OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/static_content/")
@@ -122,7 +127,7 @@ def describe_validation_error(payload: dict) -> str | None:
     return "invalid request: " + "; ".join(problems) if problems else None
 
 
-def _flatten_validation_errors(send):
+def _flatten_validation_errors(send, path: str):
     """Rewrite BentoML's 400 validation bodies into our ``{"error", "status", "request_id"}`` shape."""
     held: dict = {}
 
@@ -142,9 +147,7 @@ def _flatten_validation_errors(send):
         except (ValueError, AttributeError):
             sentence = None
         if sentence:
-            request_id = uuid.uuid4().hex[:12]
-            logger.info("refused with 400 [request %s]: %s", request_id, sentence)
-            body = json.dumps({"error": sentence, "status": 400, "request_id": request_id}).encode()
+            body = json.dumps(refusal(sentence, 400, path)).encode()
         headers = [(k, v) for k, v in held["start"].get("headers", []) if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         await send({**held["start"], "headers": headers})
@@ -170,15 +173,16 @@ class RequestGuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        if self.key and not is_open(scope.get("path", "")) and not authorised(headers, self.key):
-            await self._refuse(send, 401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
+        path = scope.get("path", "")
+        if self.key and not is_open(path) and not authorised(headers, self.key):
+            await self._refuse(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'", path)
             return
         if scope.get("method") in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            await self._refuse(send, 413, self._too_large())
+            await self._refuse(send, 413, self._too_large(), path)
             return
         # Chunked or unknown length: buffer up to the limit, then replay to the app.
         chunks, size, more = [], 0, True
@@ -189,16 +193,16 @@ class RequestGuardMiddleware:
             body = message.get("body", b"")
             size += len(body)
             if size > self.max_body:
-                await self._refuse(send, 413, self._too_large())
+                await self._refuse(send, 413, self._too_large(), path)
                 return
             chunks.append(body)
             more = message.get("more_body", False)
-        problem = multipart_problem(scope.get("path", ""), headers.get(b"content-type", b""), b"".join(chunks))
+        problem = multipart_problem(path, headers.get(b"content-type", b""), b"".join(chunks))
         if problem:
-            await self._refuse(send, 400, problem)
+            await self._refuse(send, 400, problem, path)
             return
         replayed = False
-        send = _flatten_validation_errors(send)
+        send = _flatten_validation_errors(send, path)
 
         async def replay():
             nonlocal replayed
@@ -213,8 +217,8 @@ class RequestGuardMiddleware:
         return (f"request body exceeds {self.max_body} bytes; send fewer or smaller items per request "
                 "(limit: DLBOOK_MAX_BODY_BYTES)")
 
-    async def _refuse(self, send, status: int, message: str) -> None:
-        body = json.dumps({"error": message, "status": status}).encode()
+    async def _refuse(self, send, status: int, message: str, path: str) -> None:
+        body = json.dumps(refusal(message, status, path)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if status == 401:
             headers.append((b"www-authenticate", b'Bearer realm="dlbook"'))
