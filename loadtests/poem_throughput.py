@@ -24,10 +24,36 @@ import numpy as np
 from preprocessing import Vocabulary
 from serving.artifacts import verify_model_dir
 from serving.poem_engine import PoemEngine
-from serving.poem_sampling import PoemForm, PoemSampler, SamplingParams, plan_poem
+from serving.poem_sampling import PoemForm, PoemSampler, SamplingParams, advance_all, plan_poem
 from serving.runtime import OnnxModel
 
 FORM = PoemForm(7, 8)
+
+
+class StepBench:
+    """The exported step graph of a poem model with our sampling code, driven by a plain loop."""
+
+    def __init__(self, model: str) -> None:
+        path = Path(bentoml.models.get(f"{model}:latest").path)
+        meta = verify_model_dir(path)
+        self.vocab = Vocabulary.from_dict(meta["preprocessing"]["vocab"])
+        self.layers, self.hidden = meta["config"]["num_layers"], meta["config"]["hidden_size"]
+        self.onnx = OnnxModel(path / "model.onnx")
+        self.plan = plan_poem(FORM, self.vocab)
+
+    def samplers(self, streams: int, offset: int) -> list[PoemSampler]:
+        return [PoemSampler(self.plan, self.vocab, SamplingParams(), seed=offset + i) for i in range(streams)]
+
+    def ceiling(self, streams: int) -> float:
+        """Characters/s (marks included) of ``streams`` poems decoded together: no engine, no asyncio, no HTTP."""
+        batch = self.samplers(streams, 0)
+        state = np.zeros((self.layers, len(batch), self.hidden), np.float32)
+        began = time.perf_counter()
+        while not batch[0].done:
+            tokens = np.array([s.next_input for s in batch], np.int64)
+            logits, state = self.onnx.run({"token": tokens, "hidden": state})
+            advance_all(batch, logits)
+        return FORM.slots * len(batch) / (time.perf_counter() - began)
 
 
 def main() -> None:
@@ -37,29 +63,16 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=16)
     args = parser.parse_args()
 
-    path = Path(bentoml.models.get(f"{args.model}:latest").path)
-    meta = verify_model_dir(path)
-    vocab = Vocabulary.from_dict(meta["preprocessing"]["vocab"])
-    layers, hidden = meta["config"]["num_layers"], meta["config"]["hidden_size"]
-    onnx = OnnxModel(path / "model.onnx")
-    plan = plan_poem(FORM, vocab)
-    params = SamplingParams()
+    bench = StepBench(args.model)
+    onnx = bench.onnx
 
     def samplers(offset: int) -> list[PoemSampler]:
-        return [PoemSampler(plan, vocab, params, seed=offset + i) for i in range(args.streams)]
+        return bench.samplers(args.streams, offset)
 
     def ceiling() -> float:
-        batch = samplers(0)
-        state = np.zeros((layers, len(batch), hidden), np.float32)
-        began = time.perf_counter()
-        while not batch[0].done:
-            tokens = np.array([s.next_input for s in batch], np.int64)
-            logits, state = onnx.run({"token": tokens, "hidden": state})
-            for i, s in enumerate(batch):
-                s.advance(logits[i])
-        return FORM.slots * len(batch) / (time.perf_counter() - began)
+        return bench.ceiling(args.streams)
 
-    engine = PoemEngine(onnx, layers, hidden)
+    engine = PoemEngine(onnx, bench.layers, bench.hidden)
 
     async def batched() -> float:
         began = time.perf_counter()

@@ -43,3 +43,26 @@ def models_for(task: str) -> list[str] | None:
 
 def default_model(task: str, fallback: str) -> str:
     return os.environ.get(f"DLBOOK_DEFAULT_{task.upper()}_MODEL", fallback)
+
+
+def log_level() -> str:
+    """``DLBOOK_LOG_LEVEL`` for our loggers (default INFO: one access line per API request, refusals
+    with their reasons); WARNING keeps only failures. BentoML's root logger stays at WARNING."""
+    return os.environ.get("DLBOOK_LOG_LEVEL", "INFO").upper()
+
+
+def service_options() -> dict:
+    """BentoML service settings that operators tune per deployment, from the environment.
+
+    ``DLBOOK_WORKERS``: worker processes per service (a number or ``cpu_count``; default 1). Each
+    worker loads its own models and batches its own requests, so more workers buy throughput on
+    more cores at the price of memory and smaller batches. BentoML's own access log is off unless
+    ``DLBOOK_BENTOML_ACCESS_LOG=1`` (it adds trace ids): ours (``dlbook.access``, one line per API
+    request with its request id, see ``serving.http_errors``) replaces it.
+    """
+    workers = os.environ.get("DLBOOK_WORKERS", "1").strip()
+    return {
+        "workers": int(workers) if workers.isdigit() else workers,
+        "traffic": {"timeout": float(os.environ.get("DLBOOK_REQUEST_TIMEOUT_S", "60"))},
+        "logging": {"access": {"enabled": os.environ.get("DLBOOK_BENTOML_ACCESS_LOG", "0") == "1"}},
+    }

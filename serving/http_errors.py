@@ -3,21 +3,48 @@
 BentoML 1.4 answers its own 4xx exceptions with a JSON *list*, has no request-size limit, answers a
 file under an unknown multipart field with 500, and treats a *text* value in a file field as a URL
 to download. So we return our errors as responses, and a small ASGI middleware in front of the app
-refuses oversized bodies (413) and multipart parts that are not what the endpoint takes (400).
+refuses oversized bodies (413) and multipart parts that are not what the endpoint takes (400),
+sheds load beyond what a worker can answer in time (503 with Retry-After), and gives every request
+an id that appears in its log line, its error body and its ``X-Request-ID`` header.
 """
 
 from __future__ import annotations
 
+import contextvars
 import hmac
 import json
 import logging
 import os
+import re
+import time
 import uuid
 
 from python_multipart.multipart import parse_options_header
 from starlette.responses import JSONResponse
 
+from serving.metrics import ERRORS, REQUEST_SECONDS, SHED
+
 logger = logging.getLogger("dlbook.serving")
+access_logger = logging.getLogger("dlbook.access")
+
+# The id of the request being handled, for refusals raised deep inside an endpoint.
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("dlbook_request_id", default="")
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+API_PATHS = frozenset({"/classify", "/classify_pixels", "/predict_price", "/generate_poem", "/generate_poem_stream",
+                       "/models"})
+
+
+def route_label(path: str) -> str:
+    """A metric label for ``path``: the route itself, or ``other`` (scanners must not grow our metrics)."""
+    return path if path in API_PATHS else "other"
+
+
+def request_id_for(headers: dict[bytes, bytes]) -> str:
+    """The caller's ``X-Request-ID`` when it is a sane token (so traces join up), else a fresh one."""
+    supplied = headers.get(b"x-request-id", b"").decode("latin-1")
+    return supplied if _CLIENT_ID.fullmatch(supplied) else uuid.uuid4().hex[:16]
 
 
 class ApiError(Exception):
@@ -31,16 +58,15 @@ class ApiError(Exception):
 
 def refusal(message: str, status: int, endpoint: str) -> dict:
     """The one shape of every refusal: counted, logged with a request id, and returned as a body."""
-    from serving.metrics import ERRORS
-
     ERRORS.labels(endpoint, str(status)).inc()
-    request_id = uuid.uuid4().hex[:12]
+    request_id = REQUEST_ID.get() or uuid.uuid4().hex[:16]
     logger.info("refused %s with %d [request %s]: %s", endpoint, status, request_id, message)
     return {"error": message, "status": status, "request_id": request_id}
 
 
 def error_response(message: str, status: int, endpoint: str) -> JSONResponse:
-    return JSONResponse(refusal(message, status, endpoint), status_code=status)
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse(refusal(message, status, endpoint), status_code=status, headers=headers)
 
 
 OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/static_content/")
@@ -66,6 +92,11 @@ def authorised(headers: dict[bytes, bytes], key: str) -> bool:
 
 def max_body_bytes() -> int:
     return int(os.environ.get("DLBOOK_MAX_BODY_BYTES", str(12 * 1024 * 1024)))
+
+
+def max_in_flight() -> int:
+    """``DLBOOK_MAX_IN_FLIGHT``: API requests one worker holds at once before it sheds (0: never)."""
+    return int(os.environ.get("DLBOOK_MAX_IN_FLIGHT", "64"))
 
 
 # Multipart endpoints: the fields each accepts, and which of them must be uploaded files.
@@ -147,7 +178,7 @@ def _flatten_validation_errors(send, path: str):
         except (ValueError, AttributeError):
             sentence = None
         if sentence:
-            body = json.dumps(refusal(sentence, 400, path)).encode()
+            body = json.dumps(refusal(sentence, 400, route_label(path))).encode()
         headers = [(k, v) for k, v in held["start"].get("headers", []) if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         await send({**held["start"], "headers": headers})
@@ -157,25 +188,60 @@ def _flatten_validation_errors(send, path: str):
 
 
 class RequestGuardMiddleware:
-    """Checks every request before BentoML parses it.
+    """Checks every request before BentoML parses it, and logs it with its id when it is answered.
 
-    401 without the API key (when one is set), 413 for a body over ``max_body`` bytes (by
-    Content-Length at once, else while reading), 400 for multipart parts the endpoint does not take.
+    401 without the API key (when one is set); 503 with ``Retry-After`` when the worker already holds
+    ``max_in_flight`` API requests (a fast refusal the client can retry elsewhere beats a slow answer
+    that times out: it keeps the latency of accepted requests bounded); 413 for a body over
+    ``max_body`` bytes (by Content-Length at once, else while reading); 400 for multipart parts the
+    endpoint does not take. Health, metrics and docs are never shed or logged.
     """
 
-    def __init__(self, app, max_body: int | None = None) -> None:
+    def __init__(self, app, max_body: int | None = None, in_flight_limit: int | None = None) -> None:
         self.app = app
         self.max_body = max_body or max_body_bytes()
+        self.in_flight_limit = max_in_flight() if in_flight_limit is None else in_flight_limit
+        self.in_flight = 0
         self.key = api_key()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or is_open(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
+        request_id = request_id_for(headers)
+        token = REQUEST_ID.set(request_id)
+        began = time.perf_counter()
+        answer: dict[str, int] = {}
+        id_header = (b"x-request-id", request_id.encode())
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), id_header]}
+            await send(message)
+
+        self.in_flight += 1
+        try:
+            await self._guarded(scope, receive, send_with_id, headers)
+        finally:
+            self.in_flight -= 1
+            REQUEST_ID.reset(token)
+            seconds = time.perf_counter() - began
+            status = str(answer.get("status", "-"))
+            REQUEST_SECONDS.labels(route_label(scope.get("path", "")), status).observe(seconds)
+            access_logger.info("%s %s %s %.1fms [request %s]", scope.get("method"), scope.get("path"), status,
+                               seconds * 1e3, request_id)
+
+    async def _guarded(self, scope, receive, send, headers: dict[bytes, bytes]) -> None:
         path = scope.get("path", "")
         if self.key and not is_open(path) and not authorised(headers, self.key):
             await self._refuse(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'", path)
+            return
+        if self.in_flight_limit and self.in_flight > self.in_flight_limit:
+            SHED.labels(route_label(path)).inc()
+            await self._refuse(send, 503, f"the server is at capacity ({self.in_flight_limit} requests in progress "
+                               "per worker, DLBOOK_MAX_IN_FLIGHT); retry after a second", path)
             return
         if scope.get("method") in ("GET", "HEAD"):
             await self.app(scope, receive, send)
@@ -218,9 +284,11 @@ class RequestGuardMiddleware:
                 "(limit: DLBOOK_MAX_BODY_BYTES)")
 
     async def _refuse(self, send, status: int, message: str, path: str) -> None:
-        body = json.dumps(refusal(message, status, path)).encode()
+        body = json.dumps(refusal(message, status, route_label(path))).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if status == 401:
             headers.append((b"www-authenticate", b'Bearer realm="dlbook"'))
+        if status == 503:
+            headers.append((b"retry-after", b"1"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

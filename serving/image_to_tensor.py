@@ -22,6 +22,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -420,6 +421,9 @@ def _numbers_from_array(array: np.ndarray) -> np.ndarray:
 
 def _numbers_from_lists(pixels: object) -> np.ndarray:
     """Walk nested lists by hand: numpy would silently turn bools into 0/1 and ragged rows into objects."""
+    plain = _plain_numbers(pixels)
+    if plain is not None:
+        return plain
     if not isinstance(pixels, list | tuple):
         raise ImageInputError(f"expected a list of pixel rows, got {_json_type(pixels)}; " + _SHAPE_HINT)
     nested = [isinstance(v, list | tuple) for v in pixels]
@@ -433,6 +437,29 @@ def _numbers_from_lists(pixels: object) -> np.ndarray:
     _check_rows(pixels)
     return np.array([_number(v, f"[{r}][{c}]") for r, row in enumerate(pixels) for c, v in enumerate(row)],
                     dtype=np.float64)
+
+
+def _plain_numbers(pixels: object) -> np.ndarray | None:
+    """The usual request at C speed: 28 lists of 28 ints or floats, or one flat list of 784.
+
+    Checking the set of element types is as strict as the walk below (bool is its own type, so it is
+    not let through as an int), only without a Python call per pixel, which cost a fifth of the
+    worker's time under load. Anything else returns None and takes the walk, which names what is wrong.
+    """
+    if type(pixels) is not list:
+        return None
+    if len(pixels) == FRAME and all(type(row) is list and len(row) == FRAME for row in pixels):
+        flat = list(chain.from_iterable(pixels))
+    elif len(pixels) == FRAME * FRAME:
+        flat = pixels
+    else:
+        return None
+    if not set(map(type, flat)) <= {int, float}:
+        return None
+    try:
+        return np.array(flat, dtype=np.float64)
+    except OverflowError:  # an integer beyond float range: the walk reports it
+        return None
 
 
 def _check_rows(rows: Sequence[Sequence[object]]) -> None:

@@ -13,6 +13,12 @@ BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
 REQUESTS = Counter("dlbook_requests_total", "API requests by endpoint and model", ["endpoint", "model"])
+REQUEST_SECONDS = Histogram(
+    "dlbook_request_seconds", "Time from request to the end of the answer, by path and status", ["path", "status"],
+    buckets=(0.001, 0.002, 0.004, 0.006, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1,
+             2, 5, 10, 30),
+)
+SHED = Counter("dlbook_shed_total", "Requests refused with 503 because the worker was at capacity", ["path"])
 ERRORS = Counter("dlbook_request_errors_total", "Refused or failed requests", ["endpoint", "status"])
 POEM_CHARACTERS = Counter("dlbook_poem_characters_total", "Characters generated (marks included)", ["model"])
 POEM_TOKENS_PER_SECOND = Gauge("dlbook_poem_tokens_per_second", "Tokens per second of the last decoding step",

@@ -4,8 +4,9 @@ Requests add ``PoemSampler``s to a queue; one background loop gathers every live
 ``(token[B], hidden[L,B,H])`` call of the exported step graph, hands each row of logits to its
 sampler and publishes the chosen character to that poem's listener. Sequences join and leave
 between steps, so sixteen concurrent requests cost about one batch-16 step per token instead of
-sixteen batch-1 steps. The graph runs in a worker thread (ONNX Runtime releases the GIL) so the
-event loop keeps accepting requests while a step runs.
+sixteen batch-1 steps. The graph and the sampling of its logits (all rows together, see
+``advance_all``) run in a worker thread, ONNX Runtime and numpy releasing the GIL, so the event loop
+keeps accepting requests and sending characters while a step runs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serving.poem_sampling import PoemSampler
+from serving.poem_sampling import PoemSampler, advance_all
 from serving.runtime import OnnxModel
 
 StepObserver = Callable[[int, float], None]  # (batch size, seconds) after every step
@@ -73,9 +74,10 @@ class PoemEngine:
         while len(self._live) < self.max_batch and not self._pending.empty():
             self._live.append(self._pending.get_nowait())
 
-    def _step(self, tokens: np.ndarray, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _step(self, samplers: list[PoemSampler], tokens: np.ndarray, hidden: np.ndarray
+              ) -> tuple[list[str], np.ndarray]:
         logits, next_hidden = self.model.run({"token": tokens, "hidden": hidden})
-        return logits, next_hidden
+        return advance_all(samplers, logits), next_hidden
 
     async def _run(self) -> None:
         while True:
@@ -90,7 +92,7 @@ class PoemEngine:
             hidden = np.ascontiguousarray(np.stack([s.hidden for s in batch], axis=1))
             began = time.perf_counter()
             try:
-                logits, next_hidden = await asyncio.to_thread(self._step, tokens, hidden)
+                chars, next_hidden = await asyncio.to_thread(self._step, [s.sampler for s in batch], tokens, hidden)
             except Exception as err:  # noqa: BLE001 - fail the poems in flight, keep serving
                 for s in batch:
                     s.events.put_nowait(RuntimeError(f"generation failed: {type(err).__name__}"))
@@ -99,9 +101,9 @@ class PoemEngine:
             if self.observe_step:
                 self.observe_step(len(batch), time.perf_counter() - began)
             still = []
-            for i, s in enumerate(batch):
+            for i, (s, ch) in enumerate(zip(batch, chars, strict=True)):
                 s.hidden = next_hidden[:, i]
-                s.events.put_nowait(s.sampler.advance(logits[i]))
+                s.events.put_nowait(ch)
                 if s.sampler.done:
                     s.events.put_nowait(None)
                 else:

@@ -151,46 +151,84 @@ def plan_poem(form: PoemForm, vocab: Vocabulary, prompt: str = "", acrostic: str
 NUCLEUS_CANDIDATES = 256
 
 
-def _nucleus(order: np.ndarray, probs: np.ndarray, top_p: float) -> np.ndarray:
-    """Of ``order`` (most probable first), the smallest prefix whose probability mass reaches ``top_p``."""
-    cumulative = np.cumsum(probs[order])
-    return order[: int(np.searchsorted(cumulative, top_p)) + 1]
+_POSITIONS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _candidate_positions(allowed: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Vocabulary id → column among the candidates (-1 for ids no character slot may take).
+
+    Kept per ``allowed`` array (one per vocabulary in practice, see :func:`character_ids`), since
+    building it costs more than a whole sampling step.
+    """
+    hit = _POSITIONS.get(id(allowed))
+    if hit is not None and hit[0] is allowed and len(hit[1]) == vocab_size:
+        return hit[1]
+    positions = np.full(vocab_size, -1, dtype=np.int64)
+    positions[allowed] = np.arange(len(allowed))
+    if len(_POSITIONS) >= 32:
+        _POSITIONS.clear()
+    _POSITIONS[id(allowed)] = (allowed, positions)
+    return positions
+
+
+def sample_rows(logits: np.ndarray, allowed_ids: np.ndarray, histories: list[list[int]],
+                params: list[SamplingParams], rngs: list[np.random.Generator]) -> np.ndarray:
+    """One character id per row of ``logits [B, V]``: penalty → mask → temperature → top-k → top-p → draw.
+
+    All rows go through each stage together as ``[B, C]`` arrays over the C candidate characters,
+    so sixteen poems cost about one numpy call per stage, not sixteen. Each row keeps its own
+    parameters and random generator and draws exactly one number from it, so a poem does not depend
+    on which other poems shared its steps.
+
+    The nucleus (top-p) is found from probability *values*, never by sorting indices: numpy sorts
+    and partitions plain float arrays with SIMD, ~10× faster than ``argsort`` (which took 70% of
+    decoding time when done per token). The ``NUCLEUS_CANDIDATES`` largest values of each row are
+    partitioned out and sorted; the value where their running sum reaches ``top_p`` is the row's
+    threshold, and every candidate at or above it is kept (a row whose head holds less than ``top_p``
+    sorts all its values instead). That is the set a full sort would keep, ties at the threshold aside.
+    """
+    count = len(allowed_ids)
+    x = logits[:, allowed_ids].astype(np.float64)
+    positions = _candidate_positions(allowed_ids, logits.shape[1])
+    for r, (history, p) in enumerate(zip(histories, params, strict=True)):
+        if p.repetition_penalty != 1.0 and history:
+            cols = positions[np.unique(np.asarray(history))]
+            cols = cols[cols >= 0]
+            seen = x[r, cols]
+            x[r, cols] = np.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+        if 0 < p.top_k < count:
+            drop = np.argpartition(-x[r], p.top_k - 1)[p.top_k:]
+            x[r, drop] = -np.inf
+    x /= np.array([p.temperature for p in params])[:, None]
+    x -= x.max(axis=1, keepdims=True)
+    probs = np.exp(x)
+    probs /= probs.sum(axis=1, keepdims=True)
+
+    top_p = np.array([p.top_p for p in params])
+    thresholds = np.zeros(len(params))
+    nucleus = np.flatnonzero(top_p < 1.0)
+    if len(nucleus):
+        head_size = min(NUCLEUS_CANDIDATES, count)
+        head = np.sort(np.partition(probs[nucleus], count - head_size, axis=1)[:, count - head_size:], axis=1)
+        head = head[:, ::-1]
+        running = np.cumsum(head, axis=1)
+        cut = np.minimum((running < top_p[nucleus, None]).sum(axis=1), head_size - 1)
+        thresholds[nucleus] = head[np.arange(len(nucleus)), cut]
+        for i in np.flatnonzero(running[:, -1] < top_p[nucleus]):  # head too light: sort the whole row
+            values = np.sort(probs[nucleus[i]])[::-1]
+            cut_all = int(np.searchsorted(np.cumsum(values), top_p[nucleus[i]]))
+            thresholds[nucleus[i]] = values[min(cut_all, count - 1)]
+    kept = np.where(probs >= thresholds[:, None], probs, 0.0)
+    cumulative = np.cumsum(kept, axis=1)
+    targets = np.array([rng.random() for rng in rngs]) * cumulative[:, -1]
+    columns = np.minimum((cumulative <= targets[:, None]).sum(axis=1), count - 1)
+    return allowed_ids[columns]
 
 
 def sample_next(logits: np.ndarray, allowed_ids: np.ndarray, generated: list[int], params: SamplingParams,
                 rng: np.random.Generator) -> int:
-    """One character id from ``logits [V]``: penalty → mask → temperature → top-k → top-p → draw.
-
-    Everything after the mask works on candidate ids, not on all V (≈ 6,000) entries: a full sort
-    per token was 70% of decoding time. The nucleus is looked for among the most probable
-    ``NUCLEUS_CANDIDATES`` first and among all candidates only when those do not reach ``top_p``,
-    so the kept set is exactly the one a full sort would give.
-    """
-    x = logits.astype(np.float64, copy=True)
-    if params.repetition_penalty != 1.0 and generated:
-        seen = np.unique(np.asarray(generated))
-        x[seen] = np.where(x[seen] > 0, x[seen] / params.repetition_penalty, x[seen] * params.repetition_penalty)
-    candidates = allowed_ids
-    scores = x[candidates] / params.temperature
-    if 0 < params.top_k < len(candidates):
-        top = np.argpartition(-scores, params.top_k - 1)[: params.top_k]
-        candidates, scores = candidates[top], scores[top]
-    scores -= scores.max()
-    probs = np.exp(scores)
-    probs /= probs.sum()
-    if params.top_p < 1.0:
-        if len(probs) > NUCLEUS_CANDIDATES:
-            head = np.argpartition(-probs, NUCLEUS_CANDIDATES - 1)[:NUCLEUS_CANDIDATES]
-            head = head[np.argsort(-probs[head], kind="stable")]
-            if probs[head].sum() < params.top_p:
-                head = np.argsort(-probs, kind="stable")
-        else:
-            head = np.argsort(-probs, kind="stable")
-        keep = _nucleus(head, probs, params.top_p)
-        candidates, probs = candidates[keep], probs[keep] / probs[keep].sum()
-    cumulative = np.cumsum(probs)
-    pick = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
-    return int(candidates[min(pick, len(candidates) - 1)])
+    """One character id from ``logits [V]``: :func:`sample_rows` for a single row."""
+    return int(sample_rows(logits[None], allowed_ids, [generated], [params], [rng])[0])
 
 
 @dataclass
@@ -215,16 +253,31 @@ class PoemSampler:
     def next_input(self) -> int:
         return self.tokens[-1] if self.tokens else self.vocab.bos_id
 
-    def advance(self, logits: np.ndarray) -> str:
-        """Choose the next slot's token from the logits that followed ``next_input``; return its text."""
-        forced = self.plan[len(self.tokens)]
-        if forced is not None:
-            token = forced
-        else:
-            token = sample_next(logits, self.allowed_ids, self.tokens, self.params, self.rng)
+    @property
+    def forced(self) -> int | None:
+        """The token the plan fixes for the next slot, or None when it must be sampled."""
+        return self.plan[len(self.tokens)]
+
+    def accept(self, token: int) -> str:
         self.tokens.append(token)
         return self.vocab.tokens[token]
+
+    def advance(self, logits: np.ndarray) -> str:
+        """Choose the next slot's token from the logits that followed ``next_input``; return its text."""
+        return advance_all([self], logits[None])[0]
 
     @property
     def text(self) -> str:
         return self.vocab.decode(self.tokens)
+
+
+def advance_all(samplers: list[PoemSampler], logits: np.ndarray) -> list[str]:
+    """Advance every sampler by one slot from its row of ``logits [B, V]``; the rows that must be
+    sampled are sampled together (:func:`sample_rows`), forced slots just take their token."""
+    free = [i for i, s in enumerate(samplers) if s.forced is None]
+    chosen: dict[int, int] = {}
+    if free:
+        picked = sample_rows(logits[free], samplers[free[0]].allowed_ids, [samplers[i].tokens for i in free],
+                             [samplers[i].params for i in free], [samplers[i].rng for i in free])
+        chosen = dict(zip(free, picked.tolist(), strict=True))
+    return [s.accept(chosen.get(i, s.forced)) for i, s in enumerate(samplers)]

@@ -14,6 +14,7 @@ from serving.poem_sampling import (
     character_ids,
     plan_poem,
     sample_next,
+    sample_rows,
 )
 from training.datasets.poems import read_tang300
 
@@ -58,6 +59,45 @@ def test_sampling_respects_mask_top_k_and_top_p(vocab: Vocabulary) -> None:
     wide = {sample_next(peaked, ids, [], SamplingParams(1.0, top_p=0.9, repetition_penalty=1.0), rng)
             for _ in range(400)}
     assert wide == {int(ids[0]), int(ids[1])}
+
+
+def _reference_nucleus(logits: np.ndarray, ids: np.ndarray, params: SamplingParams) -> set[int]:
+    """The top-p set by the textbook recipe: full sort, smallest prefix reaching top_p."""
+    scores = logits[ids] / params.temperature
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    cut = int(np.searchsorted(np.cumsum(probs[order]), params.top_p))
+    return set(ids[order[: cut + 1]].tolist())
+
+
+@pytest.mark.parametrize("spread", [0.3, 3.0])  # flat: the nucleus is wider than the 256-value head; peaked
+def test_nucleus_is_the_full_sort_set(vocab: Vocabulary, spread: float) -> None:
+    ids = character_ids(vocab)
+    logits = np.random.default_rng(3).normal(scale=spread, size=len(vocab))
+    params = SamplingParams(1.0, top_p=0.6, repetition_penalty=1.0)
+    expected = _reference_nucleus(logits, ids, params)
+    assert (len(expected) > 256) == (spread < 1)
+    draws = sample_rows(np.tile(logits, (4000, 1)), ids, [[]] * 4000, [params] * 4000,
+                        [np.random.default_rng(i) for i in range(4000)])
+    assert set(draws.tolist()) <= expected
+    if len(expected) < 50:
+        assert set(draws.tolist()) == expected
+
+
+def test_rows_sampled_together_equal_rows_sampled_alone(vocab: Vocabulary) -> None:
+    """Continuous batching must not change a poem: each row depends only on its own logits, params and seed."""
+    ids = character_ids(vocab)
+    rng = np.random.default_rng(4)
+    logits = rng.normal(scale=2.0, size=(6, len(vocab)))
+    params = [SamplingParams(), SamplingParams(0.5, top_k=5), SamplingParams(1.5, top_p=1.0),
+              SamplingParams(1.0, top_p=0.3, repetition_penalty=2.0), SamplingParams(0.8, top_k=50, top_p=0.5),
+              SamplingParams(2.0, top_p=0.99)]
+    histories = [[], [int(ids[0])], [int(i) for i in ids[:30]], [int(ids[5])] * 3, [], [int(ids[9])]]
+    together = sample_rows(logits, ids, histories, params, [np.random.default_rng(s) for s in range(6)])
+    alone = [sample_rows(logits[r: r + 1], ids, [histories[r]], [params[r]], [np.random.default_rng(r)])[0]
+             for r in range(6)]
+    assert together.tolist() == alone
 
 
 def test_same_seed_same_poem_and_exact_form(vocab: Vocabulary) -> None:

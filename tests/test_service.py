@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from live_server import serve
 from PIL import Image
 from test_image_to_tensor import png_bomb
 
@@ -30,43 +27,6 @@ from training.datasets.sources import find_dataset
 from training.export import load_run
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve(service: str, log_path: Path, ready_path: str = "/readyz", **env: str) -> Iterator[str]:
-    """Run ``bentoml serve`` on a free 127.0.0.1 port until ``ready_path`` answers 200; stop it on exit."""
-    port = _free_port()
-    with open(log_path, "w+") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", f"serving.service:{service}", "--host", "127.0.0.1",
-             "--port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "DLBOOK_DEVICE": "cpu", **env}, start_new_session=True)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    pytest.fail(f"{service} did not become ready: {log.read()[-3000:]}")
-                try:
-                    if httpx.get(f"{base}{ready_path}", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
-            yield base
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

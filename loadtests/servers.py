@@ -1,0 +1,70 @@
+"""Start and stop the servers the HTTP benchmarks compare, each as its own process group on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as answer:
+            if answer.status == 200:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready after {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], ready_path: str, port: int, log: Path, env: dict[str, str] | None = None
+            ) -> Iterator[str]:
+    """Run ``cmd`` until ``ready_path`` answers 200; yield the base URL; stop the whole group on exit."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base + ready_path, proc, log)
+        yield base
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def bentoml_service(service: str, log: Path, env: dict[str, str] | None = None):
+    """Our service with ``bentoml serve`` (its defaults unless ``env`` says otherwise)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "bentoml", "serve", f"serving.service:{service}", "--host", "127.0.0.1",
+           "--port", str(port)]
+    return running(cmd, "/readyz", port, log, {"DLBOOK_DEVICE": "cpu", **(env or {})})
+
+
+def bare_service(model: str, log: Path, threads: int = 0):
+    """The bare Starlette + ORT baseline of :mod:`loadtests.bare_server`."""
+    port = free_port()
+    cmd = [sys.executable, str(REPO / "loadtests" / "bare_server.py"), "--model", model, "--port", str(port),
+           "--threads", str(threads)]
+    return running(cmd, "/livez", port, log)

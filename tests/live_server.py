@@ -1,0 +1,98 @@
+"""A real ``bentoml serve`` on a free 127.0.0.1 port, shared by every test that talks HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class LiveServer:
+    """A running ``bentoml serve``: its base URL and the arbiter process (leader of its process group)."""
+
+    base: str
+    proc: subprocess.Popen
+
+    def workers(self) -> list[psutil.Process]:
+        """The BentoML 1.4 worker processes: children of the arbiter running ``_bentoml_impl.worker.service``.
+
+        They are not in the arbiter's process group (circus starts each in a session of its own), so
+        they are found through the process tree, not with ``killpg``.
+        """
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        found = []
+        for child in children:
+            try:
+                if "_bentoml_impl.worker.service" in " ".join(child.cmdline()):
+                    found.append(child)
+            except psutil.NoSuchProcess:
+                continue
+        return found
+
+
+@contextlib.contextmanager
+def serve(service: str, log_path: Path, ready_path: str = "/readyz", **env: str) -> Iterator[str]:
+    """Run ``bentoml serve`` on a free 127.0.0.1 port until ``ready_path`` answers 200; stop it on exit."""
+    with serve_process(service, log_path, ready_path, **env) as server:
+        yield server.base
+
+
+@contextlib.contextmanager
+def serve_process(service: str, log_path: Path, ready_path: str = "/readyz", **env: str) -> Iterator[LiveServer]:
+    """:func:`serve`, yielding the process too, for tests that signal or inspect the server's processes."""
+    port = _free_port()
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", f"serving.service:{service}", "--host", "127.0.0.1",
+             "--port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "DLBOOK_DEVICE": "cpu", **env}, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        server = LiveServer(base, proc)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    pytest.fail(f"{service} did not become ready: {log.read()[-3000:]}")
+                try:
+                    if httpx.get(f"{base}{ready_path}", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            yield server
+        finally:
+            workers = server.workers()
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            # Workers live in sessions of their own: one the arbiter could not stop must not outlive the test.
+            for worker in workers + server.workers():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    worker.kill()
