@@ -27,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests.loadgen import HttpRequest, LoadResult, multipart_body, run_wrk  # noqa: E402
-from loadtests.servers import bare_service, bentoml_service  # noqa: E402
+from loadtests.servers import bare_service, bentoml_service, cpu_seconds  # noqa: E402
 from training.datasets.images import load_image_split  # noqa: E402
 
 
@@ -49,7 +49,8 @@ def table(results: dict[tuple[str, str, int], list[LoadResult]]) -> tuple[str, d
         return statistics.median(getattr(c, key) for c in cells)
 
     lines = ["| payload | c | bare req/s | served req/s | ratio | bare p50 / p99 ms | served p50 / p99 ms | "
-             "p50 ratio | p99 ratio | errors (bare / served) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "p50 ratio | p99 ratio | errors (bare / served) | server CPU ms/request (bare / served) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for payload, conc in sorted({(p, c) for p, _, c in results}):
         bare, served = results[(payload, "bare", conc)], results[(payload, "served", conc)]
@@ -57,6 +58,7 @@ def table(results: dict[tuple[str, str, int], list[LoadResult]]) -> tuple[str, d
                "bare_p50": med(bare, "p50"), "served_p50": med(served, "p50"),
                "bare_p99": med(bare, "p99"), "served_p99": med(served, "p99"),
                "bare_errors": sum(c.errors for c in bare), "served_errors": sum(c.errors for c in served),
+               "bare_cpu_ms": med(bare, "server_cpu_ms"), "served_cpu_ms": med(served, "server_cpu_ms"),
                "rounds_served_rps": [round(c.rps) for c in served], "rounds_bare_rps": [round(c.rps) for c in bare]}
         row["rps_ratio"] = row["served_rps"] / row["bare_rps"]
         row["p50_ratio"] = row["served_p50"] / row["bare_p50"]
@@ -65,7 +67,8 @@ def table(results: dict[tuple[str, str, int], list[LoadResult]]) -> tuple[str, d
         lines.append(f"| {payload} | {conc} | {row['bare_rps']:,.0f} | {row['served_rps']:,.0f} | "
                      f"**{row['rps_ratio']:.2f}×** | {row['bare_p50']:.2f} / {row['bare_p99']:.2f} | "
                      f"{row['served_p50']:.2f} / {row['served_p99']:.2f} | {row['p50_ratio']:.2f}× | "
-                     f"{row['p99_ratio']:.2f}× | {row['bare_errors']} / {row['served_errors']} |")
+                     f"{row['p99_ratio']:.2f}× | {row['bare_errors']} / {row['served_errors']} | "
+                     f"{row['bare_cpu_ms']:.3f} / {row['served_cpu_ms']:.3f} |")
     return "\n".join(lines), summary
 
 
@@ -97,12 +100,14 @@ def main() -> None:
             for payload in args.payloads:
                 for conc in args.concurrency:
                     for name in order:
+                        cpu_before = cpu_seconds(servers[name])
                         result = run_wrk(servers[name], requests[payload], connections=conc,
                                          duration_s=args.duration, label=name)
+                        result.server_cpu_ms = (cpu_seconds(servers[name]) - cpu_before) * 1e3 / max(result.requests, 1)
                         results.setdefault((payload, name, conc), []).append(result)
                         print(f"round {round_ + 1} {payload:4} c={conc:<3} {name:6} {result.rps:8.0f} req/s  "
-                              f"p50 {result.p50:7.2f} ms  p99 {result.p99:7.2f} ms  errors {result.errors}",
-                              flush=True)
+                              f"p50 {result.p50:7.2f} ms  p99 {result.p99:7.2f} ms  errors {result.errors}  "
+                              f"server CPU {result.server_cpu_ms:.3f} ms/request", flush=True)
     text, summary = table(results)
     print(text)
     if args.json:

@@ -92,6 +92,7 @@ class LoadResult:
     errors: int  # socket errors (connect/read/write/timeout) plus non-2xx/3xx answers
     timeouts: int
     statuses: dict[str, int]
+    server_cpu_ms: float = 0.0  # CPU the server spent per request, when the caller measured it
 
     def as_dict(self) -> dict:
         return asdict(self)

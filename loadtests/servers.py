@@ -14,6 +14,26 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+_PIDS: dict[str, int] = {}  # base URL → process group leader of the server behind it
+
+
+def cpu_seconds(base: str) -> float:
+    """User + system CPU seconds used so far by the server at ``base`` and all its children.
+
+    CPU time per request is the steadiest figure on a shared machine: other jobs stretch wall-clock
+    latency and throughput, but barely change how much CPU one request costs the server.
+    """
+    import psutil
+
+    root = psutil.Process(_PIDS[base])
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def free_port() -> int:
@@ -42,10 +62,12 @@ def running(cmd: list[str], ready_path: str, port: int, log: Path, env: dict[str
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
+    _PIDS[base] = proc.pid
     try:
         wait_ready(base + ready_path, proc, log)
         yield base
     finally:
+        _PIDS.pop(base, None)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:

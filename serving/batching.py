@@ -4,6 +4,11 @@ While the model is busy, arriving requests queue; when it frees up, everything q
 ``max_batch`` rows) runs as one batch. An idle model runs a lone request at once, so a single
 client pays no waiting window and a crowd gets large batches. Nothing is refused for being slow:
 BentoML's ``max_latency_ms`` sheds load with 503s (see STACK_NOTES.md), which is not what we want.
+
+Batches of at most ``inline_rows`` rows run on the event loop itself: for a small model a thread
+hop costs as much as the inference, and a lone request is what a lightly loaded server sees. Bigger
+batches go to a worker thread (ONNX Runtime releases the GIL), so the loop keeps parsing the next
+requests while the model runs.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ class MicroBatcher:
     fn: BatchFn  # rows [N, ...] → results [N, ...]; runs in a worker thread
     max_batch: int = 256
     observe: BatchObserver | None = None
+    inline_rows: int = 0
     _queue: list[tuple[np.ndarray, asyncio.Future]] = field(default_factory=list)
     _wakeup: asyncio.Event | None = None
     _task: asyncio.Task | None = None
@@ -59,7 +65,10 @@ class MicroBatcher:
             batch = np.concatenate([rows for rows, _ in taken]) if len(taken) > 1 else taken[0][0]
             began = loop.time()
             try:
-                results = await asyncio.to_thread(self.fn, batch)
+                if len(batch) <= self.inline_rows:
+                    results = self.fn(batch)
+                else:
+                    results = await asyncio.to_thread(self.fn, batch)
             except Exception as err:  # noqa: BLE001 - each waiting request gets the failure
                 for _, future in taken:
                     if not future.done():

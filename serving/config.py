@@ -23,6 +23,7 @@ class ServingLimits:
     generation_timeout_s: float = 30.0
     max_batch: int = 256  # rows per ONNX Runtime call (images, houses)
     max_poem_batch: int = 64  # live sequences per decoding step
+    inline_rows: int = 0  # image/house batches this small run on the event loop (see serving.batching)
 
     @classmethod
     def from_env(cls) -> ServingLimits:
@@ -33,6 +34,7 @@ class ServingLimits:
             generation_timeout_s=float(os.environ.get("DLBOOK_GENERATION_TIMEOUT_S", cls.generation_timeout_s)),
             max_batch=_int("DLBOOK_MAX_BATCH", cls.max_batch),
             max_poem_batch=_int("DLBOOK_MAX_POEM_BATCH", cls.max_poem_batch),
+            inline_rows=_int("DLBOOK_INLINE_ROWS", cls.inline_rows),
         )
 
 

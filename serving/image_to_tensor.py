@@ -83,6 +83,22 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray
     return _to_gray(_open_upright(bytes(data), limits))
 
 
+def is_small_image(data: bytes, max_bytes: int = 32 * 1024, max_pixels: int = 256 * 256) -> bool:
+    """True for a file whose decoding costs less than handing it to a thread (tens of microseconds).
+
+    Both bounds matter: a few kilobytes of PNG can hold millions of uniform pixels. The header is
+    read, no pixel is; anything Pillow cannot even open counts as small (it fails fast anyway).
+    """
+    if len(data) > max_bytes:
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+    except Exception:  # noqa: BLE001 - unreadable: decode_image will refuse it at once, with the reason
+        return True
+    return width * height <= max_pixels
+
+
 def _open_upright(data: bytes, limits: ImageLimits) -> Image.Image:
     """Open, size-check, decode and EXIF-rotate; every failure of Pillow on bad bytes becomes ImageInputError.
 

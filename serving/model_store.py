@@ -61,6 +61,13 @@ class ExportedModel:
         }
 
 
+def onnx_file(meta: dict[str, Any]) -> str:
+    """``model.int8.onnx`` when ``DLBOOK_PREFER_INT8=1`` and export shipped one (so meta.json lists and
+    verified it), else ``model.onnx``; export ships int8 only when it was faster and as accurate."""
+    int8 = "model.int8.onnx"
+    return int8 if os.environ.get("DLBOOK_PREFER_INT8") == "1" and int8 in meta["files"] else "model.onnx"
+
+
 def load_exported(name: str, runtime: RuntimeConfig | None = None) -> ExportedModel:
     tag = pinned_tag(name)
     try:
@@ -72,8 +79,9 @@ def load_exported(name: str, runtime: RuntimeConfig | None = None) -> ExportedMo
         raise ModelNotFound(f"model tag {tag!r} is malformed ({err}); use name or name:version") from err
     path = Path(model.path)
     meta = verify_model_dir(path)
+    graph = path / onnx_file(meta)
     try:
-        onnx = OnnxModel(path / "model.onnx", runtime)
+        onnx = OnnxModel(graph, runtime)
     except Exception as err:  # ORT's errors are not one class
-        raise ArtifactError(f"{path / 'model.onnx'}: ONNX Runtime cannot load it ({err})") from err
+        raise ArtifactError(f"{graph}: ONNX Runtime cannot load it ({err})") from err
     return ExportedModel(name, str(model.tag), path, meta, onnx)

@@ -28,7 +28,14 @@ from serving.config import ServingLimits, default_model, log_level, models_for, 
 from serving.house_pricing import HousePricer
 from serving.http_errors import ApiError, RequestGuardMiddleware, error_response
 from serving.image_classification import ImageModel
-from serving.image_to_tensor import ImageInputError, ImageLimits, array_to_frame, decode_image, to_dataset_frame
+from serving.image_to_tensor import (
+    ImageInputError,
+    ImageLimits,
+    array_to_frame,
+    decode_image,
+    is_small_image,
+    to_dataset_frame,
+)
 from serving.metrics import REQUESTS, batch_observer, poem_step_observer
 from serving.model_store import ExportedModel, ModelNotFound, exported_names, load_exported
 from serving.playground import playground_app
@@ -100,7 +107,8 @@ class ImageAPIs(_Base):
     def _init_images(self) -> None:
         self.image_models = self._build(self._load_task("image"), ImageModel)
         self.image_batchers = {
-            n: MicroBatcher(m.probabilities, self.limits.max_batch, batch_observer(n, m.model.provider))
+            n: MicroBatcher(m.probabilities, self.limits.max_batch, batch_observer(n, m.model.provider),
+                            self.limits.inline_rows)
             for n, m in self.image_models.items()
         }
         self.image_limits = ImageLimits()
@@ -143,7 +151,11 @@ class ImageAPIs(_Base):
             frames = []
             for i, path in enumerate(images):
                 try:
-                    gray = await asyncio.to_thread(decode_image, path.read_bytes(), self.image_limits)
+                    data = path.read_bytes()
+                    if is_small_image(data):  # a thread hop costs more than decoding a small image
+                        gray = decode_image(data, self.image_limits)
+                    else:
+                        gray = await asyncio.to_thread(decode_image, data, self.image_limits)
                     frames.append(to_dataset_frame(gray, image_model.dataset))
                 except ImageInputError as err:
                     raise ApiError(f"image {i + 1}: {err.message}", err.status) from err
@@ -172,7 +184,8 @@ class PriceAPIs(_Base):
     def _init_prices(self) -> None:
         self.pricers = self._build(self._load_task("price"), HousePricer)
         self.price_batchers = {
-            n: MicroBatcher(p.predict, self.limits.max_batch, batch_observer(n, p.model.provider))
+            n: MicroBatcher(p.predict, self.limits.max_batch, batch_observer(n, p.model.provider),
+                            self.limits.inline_rows)
             for n, p in self.pricers.items()
         }
 

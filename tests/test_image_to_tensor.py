@@ -22,6 +22,7 @@ from serving.image_to_tensor import (
     array_to_frame,
     decode_image,
     image_to_model_input,
+    is_small_image,
     to_dataset_frame,
 )
 from training.datasets.images import load_image_split
@@ -463,3 +464,14 @@ def test_refusal_messages_say_how_to_fix(images: dict[str, np.ndarray]) -> None:
         message = str(refusal(blob))
         assert any(word in message for word in remedies), message
     assert ImageInputError("x").status == 400
+
+
+def test_small_images_are_told_from_expensive_ones(images: dict[str, np.ndarray]) -> None:
+    """Which uploads may be decoded on the event loop: size in bytes *and* in pixels decide."""
+    assert is_small_image(png(images["mnist"][0]))
+    uniform = io.BytesIO()
+    Image.new("L", (2000, 2000), 255).save(uniform, "PNG")
+    assert len(uniform.getvalue()) < 32 * 1024 and not is_small_image(uniform.getvalue())  # few bytes, 4 M pixels
+    assert not is_small_image(png_bomb(30000, 30000))
+    assert not is_small_image(b"\x89PNG" + bytes(64 * 1024))  # too many bytes to even look
+    assert is_small_image(b"not an image")  # refused at once by decode_image, no thread needed

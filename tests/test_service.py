@@ -377,3 +377,39 @@ def test_multipart_parameters_in_any_order_are_accepted(server: str) -> None:
     response = httpx.post(f"{server}/classify", content=raw, timeout=30,
                           headers={"content-type": "multipart/form-data; boundary=B"})
     assert response.status_code == 200, response.text
+
+
+def test_overload_is_shed_fast_with_retry_after_and_requests_carry_ids(
+        exported: dict[str, dict], tmp_path: Path) -> None:
+    """Beyond DLBOOK_MAX_IN_FLIGHT a worker answers 503 + Retry-After at once (counted), never a timeout;
+    every API answer carries a request id, the caller's own when it sends one, also in the log line."""
+    train_csv = find_dataset("house-prices") / "train.csv"
+    table = read_house_csv(train_csv, numeric_columns=load_house_train().numeric_columns)
+    records = [{k: v for k, v in r.items() if k != "SalePrice"} for r in table.records[:1000]]
+    body = json.dumps({"records": records})
+    log = tmp_path / "server.log"
+    with serve("PriceService", log, DLBOOK_MAX_IN_FLIGHT="2", DLBOOK_PRICE_MODELS="house-price") as base:
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=base, timeout=60, limits=httpx.Limits(max_connections=64)) as c:
+                return await asyncio.gather(*[c.post("/predict_price", content=body,
+                                                     headers={"content-type": "application/json"})
+                                              for _ in range(48)])
+
+        answers = asyncio.run(burst())
+        statuses = {a.status_code for a in answers}
+        shed = [a for a in answers if a.status_code == 503]
+        assert statuses <= {200, 503} and shed and len(shed) < len(answers), statuses
+        assert all(a.headers.get("retry-after") == "1" for a in shed)
+        assert all("DLBOOK_MAX_IN_FLIGHT" in a.json()["error"] for a in shed)
+        metrics = httpx.get(f"{base}/metrics", timeout=10).text
+        counted = re.search(r'dlbook_shed_total\{path="/predict_price"\} (\d+)', metrics)
+        assert counted and int(counted.group(1)) == len(shed)
+        ok = httpx.post(f"{base}/predict_price", json={"records": [{"GrLivArea": 1200}]}, timeout=10,
+                        headers={"X-Request-ID": "client-trace-42"})
+        assert ok.status_code == 200 and ok.headers["x-request-id"] == "client-trace-42"
+        fresh = httpx.post(f"{base}/predict_price", json={"records": []}, timeout=10)
+        assert fresh.status_code == 400 and fresh.json()["request_id"] == fresh.headers["x-request-id"]
+    text = log.read_text()
+    assert re.search(r"POST /predict_price 200 [\d.]+ms \[request client-trace-42\]", text), text[-2000:]
+    assert f"[request {fresh.headers['x-request-id']}]" in text
