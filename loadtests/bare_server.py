@@ -27,11 +27,12 @@ from starlette.routing import Route
 from preprocessing import PixelScaling
 
 
-def build_app(model_dir: Path, intra_threads: int = 0) -> Starlette:
+def build_app(model_dir: Path, intra_threads: int = 0, spin: bool = False) -> Starlette:
     meta = json.loads((model_dir / "meta.json").read_text())
     scaling = PixelScaling.from_dict(meta["preprocessing"]["scaling"])
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     row_shape = tuple(meta["io"]["inputs"][0]["shape"][1:])  # (1, 28, 28) for LeNet, (784,) for MLPs
@@ -68,8 +69,9 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3100)
     parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT chooses)")
+    parser.add_argument("--spin", action="store_true", help="let ORT pool threads spin (ORT's default; ours: off)")
     args = parser.parse_args()
-    app = build_app(Path(bentoml.models.get(f"{args.model}:latest").path), args.threads)
+    app = build_app(Path(bentoml.models.get(f"{args.model}:latest").path), args.threads, args.spin)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

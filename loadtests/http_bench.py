@@ -81,15 +81,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--payloads", nargs="+", default=["png", "json"])
     parser.add_argument("--json", type=Path, help="write all cells and the summary here")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="ORT intra-op threads for both servers (0: ORT chooses, one per core)")
     parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE",
                         help="settings for our service, e.g. DLBOOK_WORKERS=2 DLBOOK_ORT_INTRA_THREADS=1")
     args = parser.parse_args()
 
     requests = payloads(fashion_image())
     logs = Path(tempfile.mkdtemp(prefix="dlbook-http-bench-"))
-    env = {"DLBOOK_IMAGE_MODELS": args.model, **dict(kv.split("=", 1) for kv in args.env)}
+    env = {"DLBOOK_IMAGE_MODELS": args.model, "DLBOOK_ORT_INTRA_THREADS": str(args.threads),
+           **dict(kv.split("=", 1) for kv in args.env)}
     results: dict[tuple[str, str, int], list[LoadResult]] = {}
-    with bare_service(args.model, logs / "bare.log") as bare, \
+    with bare_service(args.model, logs / "bare.log", args.threads) as bare, \
             bentoml_service(args.service, logs / "served.log", env) as served:
         servers = {"bare": bare, "served": served}
         for base in servers.values():  # warm-up: first requests allocate and compile

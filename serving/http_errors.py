@@ -69,12 +69,13 @@ def error_response(message: str, status: int, endpoint: str) -> JSONResponse:
     return JSONResponse(refusal(message, status, endpoint), status_code=status, headers=headers)
 
 
-OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/static_content/")
-OPEN_PAGES = ("/", "/docs.json", "/schema.json")
+OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/static_content/", "/ui/")
+OPEN_PAGES = ("/", "/docs.json", "/schema.json", "/ui")
 
 
 def is_open(path: str) -> bool:
-    """Health, metrics and the API docs stay reachable without a key (probes and scrapers have none)."""
+    """Health, metrics, the API docs and the playground page stay reachable without a key (probes and
+    scrapers have none; the page asks for the key itself and sends it with its API calls)."""
     return path in OPEN_PAGES or path.startswith(OPEN_PATHS)
 
 

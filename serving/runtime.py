@@ -49,6 +49,7 @@ class RuntimeConfig:
     inter_op_threads: int = 0
     optimisation: str = "all"
     prefer_cuda: bool = True
+    spin: bool = False  # let idle ORT pool threads spin (ORT's default); see from_env
 
     @classmethod
     def from_env(cls) -> RuntimeConfig:
@@ -57,6 +58,10 @@ class RuntimeConfig:
             inter_op_threads=int(os.environ.get("DLBOOK_ORT_INTER_THREADS", "0")),
             optimisation=os.environ.get("DLBOOK_ORT_OPTIMISATION", "all"),
             prefer_cuda=os.environ.get("DLBOOK_DEVICE", "auto") != "cpu",
+            # ORT's pool threads spin-wait between runs by default: free latency on an idle many-core
+            # box, but on a busy or small one they burn the cores the HTTP path needs (in our
+            # profile, half the CPU of a served request). Off unless DLBOOK_ORT_SPIN=1.
+            spin=os.environ.get("DLBOOK_ORT_SPIN", "0") == "1",
         )
 
 
@@ -69,6 +74,9 @@ class OnnxModel:
         options.intra_op_num_threads = config.intra_op_threads
         options.inter_op_num_threads = config.inter_op_threads
         options.graph_optimization_level = _OPTIMISATION[config.optimisation]
+        spin = "1" if config.spin else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         options.log_severity_level = 3  # errors only: no provider-fallback noise on CPU machines
         providers: list = ["CPUExecutionProvider"]
         if config.prefer_cuda and gpu_present() and "CUDAExecutionProvider" in ort.get_available_providers():
