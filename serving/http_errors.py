@@ -159,6 +159,35 @@ def describe_validation_error(payload: dict) -> str | None:
     return "invalid request: " + "; ".join(problems) if problems else None
 
 
+class ClientErrorLogFilter(logging.Filter):
+    """Drops BentoML's ERROR-with-traceback log of a request that failed *input* validation.
+
+    BentoML logs a client's malformed body (bad JSON, a string where a number belongs) as a server
+    error with a full traceback, so alerts on ERROR lines would fire on client mistakes. The client
+    gets a 400 and our own log has the refusal, with its reason and request id, at INFO. Failures of
+    our code (5xx) are still logged in full.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None:
+            return True
+        from bentoml.exceptions import BentoMLException
+        from pydantic import ValidationError
+
+        if isinstance(error, ValidationError):
+            return False
+        status = getattr(getattr(error, "error_code", None), "value", 500)
+        return not (isinstance(error, BentoMLException) and 400 <= status < 500)
+
+
+def quiet_client_errors() -> None:
+    """Install :class:`ClientErrorLogFilter` on the logger BentoML reports request failures with (once)."""
+    bentoml_logger = logging.getLogger("bentoml._internal.server.http_app")
+    if not any(isinstance(f, ClientErrorLogFilter) for f in bentoml_logger.filters):
+        bentoml_logger.addFilter(ClientErrorLogFilter())
+
+
 def _flatten_validation_errors(send, path: str):
     """Rewrite BentoML's 400 validation bodies into our ``{"error", "status", "request_id"}`` shape."""
     held: dict = {}

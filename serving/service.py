@@ -26,7 +26,7 @@ from serving.artifacts import ArtifactError
 from serving.batching import MicroBatcher
 from serving.config import ServingLimits, default_model, log_level, models_for, service_options
 from serving.house_pricing import HousePricer
-from serving.http_errors import ApiError, RequestGuardMiddleware, error_response
+from serving.http_errors import ApiError, RequestGuardMiddleware, error_response, quiet_client_errors
 from serving.image_classification import ImageModel
 from serving.image_to_tensor import (
     ImageInputError,
@@ -54,6 +54,7 @@ class _Base:
 
     def _start(self) -> None:
         logging.getLogger("dlbook").setLevel(log_level())  # after BentoML configured logging in the worker
+        quiet_client_errors()
         self.limits = ServingLimits.from_env()
         self.load_errors = []
         self.loaded = {}

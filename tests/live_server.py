@@ -86,7 +86,8 @@ def serve_process(service: str, log_path: Path, ready_path: str = "/readyz", **e
             yield server
         finally:
             workers = server.workers()
-            os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # a test may have ended the server already
+                os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:

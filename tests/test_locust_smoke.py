@@ -1,0 +1,50 @@
+"""The Locust load test, briefly, against a real server: every user class, malformed requests included.
+
+Checks that the locustfile works end to end (its exit code is its SLO verdict), not speed: the p95
+bounds are loosened tenfold because CI shares two slow cores between server and load generator.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from live_server import serve
+
+REPO = Path(__file__).resolve().parents[1]
+ENDPOINTS = ["/classify", "/classify_pixels", "/predict_price", "/generate_poem", "/generate_poem_stream"]
+
+
+@pytest.fixture(scope="module")
+def server(exported: dict[str, dict], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with serve("DlbookService", tmp_path_factory.mktemp("locust") / "server.log") as base:
+        yield base
+
+
+def test_locust_run_meets_its_slos_on_every_endpoint(server: str, tmp_path: Path) -> None:
+    prefix = tmp_path / "smoke"
+    env = {**os.environ, "DLBOOK_LT_MALFORMED_SHARE": "0.4", "DLBOOK_LT_P95_SCALE": "10",
+           "DLBOOK_LT_SERVICE": "all"}
+    result = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(REPO / "loadtests" / "locustfile.py"), "--headless",
+         "--users", "5", "--spawn-rate", "5", "--run-time", "20s", "--stop-timeout", "10", "--host", server,
+         "--csv", str(prefix), "--html", str(tmp_path / "smoke.html"), "--only-summary"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert "all SLOs met" in output
+
+    with open(f"{prefix}_stats.csv", newline="") as fh:
+        rows = {row["Name"]: row for row in csv.DictReader(fh)}
+    for name in ENDPOINTS + [f"{e} (malformed)" for e in ENDPOINTS] + ["/generate_poem_stream first char"]:
+        assert name in rows, f"no requests to {name}: {sorted(rows)}"
+        assert int(rows[name]["Request Count"]) > 0 and int(rows[name]["Failure Count"]) == 0, rows[name]
+    assert int(rows["Aggregated"]["Failure Count"]) == 0
+    with open(f"{prefix}_failures.csv", newline="") as fh:
+        assert list(csv.DictReader(fh)) == []
+    assert (tmp_path / "smoke.html").stat().st_size > 10_000
