@@ -53,6 +53,22 @@ def log_level() -> str:
     return os.environ.get("DLBOOK_LOG_LEVEL", "INFO").upper()
 
 
+# Without DLBOOK_TRACING=1 these paths skip OpenTelemetry: BentoML wraps every request in a span
+# even with no exporter configured, a tenth of a small request's CPU in our profile.
+TRACED_PATHS = ["/classify", "/predict_price", "/generate_poem", "/models"]  # matched as substrings
+
+
+def bentoml_metrics() -> bool:
+    """``DLBOOK_BENTOML_METRICS=1`` keeps BentoML's own request metrics and ``/metrics`` route.
+
+    Off by default: its middleware updates several multiprocess counters and histograms per request,
+    a third of a small request's CPU in our profile (docs/PERFORMANCE.md). ``/metrics`` is then
+    served by our request guard with the ``dlbook_*`` metrics, which cover the same ground
+    (``dlbook_request_seconds`` by route and status, requests, errors, shed load, batches).
+    """
+    return os.environ.get("DLBOOK_BENTOML_METRICS", "0") == "1"
+
+
 def service_options() -> dict:
     """BentoML service settings that operators tune per deployment, from the environment.
 
@@ -60,11 +76,15 @@ def service_options() -> dict:
     worker loads its own models and batches its own requests, so more workers buy throughput on
     more cores at the price of memory and smaller batches. BentoML's own access log is off unless
     ``DLBOOK_BENTOML_ACCESS_LOG=1`` (it adds trace ids): ours (``dlbook.access``, one line per API
-    request with its request id, see ``serving.http_errors``) replaces it.
+    request with its request id, see ``serving.http_errors``) replaces it. ``DLBOOK_TRACING=1``
+    keeps BentoML's OpenTelemetry spans on the API paths (configure an exporter with BentoML's
+    ``tracing`` settings); without it they are skipped.
     """
     workers = os.environ.get("DLBOOK_WORKERS", "1").strip()
     return {
         "workers": int(workers) if workers.isdigit() else workers,
         "traffic": {"timeout": float(os.environ.get("DLBOOK_REQUEST_TIMEOUT_S", "60"))},
         "logging": {"access": {"enabled": os.environ.get("DLBOOK_BENTOML_ACCESS_LOG", "0") == "1"}},
+        **({} if os.environ.get("DLBOOK_TRACING", "0") == "1" else {"tracing": {"excluded_urls": TRACED_PATHS}}),
+        **({} if bentoml_metrics() else {"metrics": {"enabled": False}}),
     }

@@ -22,7 +22,8 @@ import uuid
 from python_multipart.multipart import parse_options_header
 from starlette.responses import JSONResponse
 
-from serving.metrics import ERRORS, REQUEST_SECONDS, SHED
+from serving.config import bentoml_metrics
+from serving.metrics import ERRORS, REQUEST_SECONDS, SHED, exposition
 
 logger = logging.getLogger("dlbook.serving")
 access_logger = logging.getLogger("dlbook.access")
@@ -233,8 +234,16 @@ class RequestGuardMiddleware:
         self.in_flight_limit = max_in_flight() if in_flight_limit is None else in_flight_limit
         self.in_flight = 0
         self.key = api_key()
+        self.serve_metrics = not bentoml_metrics()  # then BentoML has no /metrics route: we answer it
 
     async def __call__(self, scope, receive, send) -> None:
+        if self.serve_metrics and scope["type"] == "http" and scope.get("path") == "/metrics":
+            body, content_type = exposition()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", content_type.encode()),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
         if scope["type"] != "http" or is_open(scope.get("path", "")):
             await self.app(scope, receive, send)
             return

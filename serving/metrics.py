@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 INFERENCE_SECONDS = Histogram(
     "dlbook_inference_seconds", "Time of one ONNX Runtime call (a whole batch)", ["model", "provider"],
@@ -51,3 +54,30 @@ def poem_step_observer(model: str, provider: str):
             rate.set(rows / seconds)
 
     return observe
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text for ``/metrics``: every worker's metrics when BentoML runs several (multiprocess mode).
+
+    Histogram samples are put in bucket, count, sum order per label set, as strict parsers expect
+    (the multiprocess collector emits sum and count first).
+    """
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    families = list(registry.collect())
+    order = {"_bucket": 0, "_count": 1, "_sum": 2}
+    for family in families:
+        if family.type == "histogram":
+            family.samples.sort(key=lambda s: (
+                tuple(sorted((k, v) for k, v in s.labels.items() if k != "le")),
+                order.get(s.name[len(family.name):], 3), float(s.labels.get("le", "inf"))))
+
+    class _Fixed:
+        def collect(self):
+            return families
+
+    fixed = CollectorRegistry()
+    fixed.register(_Fixed())
+    return generate_latest(fixed), CONTENT_TYPE_LATEST

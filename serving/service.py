@@ -11,6 +11,7 @@ says what to fix.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -58,6 +59,16 @@ class _Base:
         self.limits = ServingLimits.from_env()
         self.load_errors = []
         self.loaded = {}
+
+    def _settle(self) -> None:
+        """Move everything loaded at start-up out of the garbage collector's sight (``gc.freeze``).
+
+        Models, vocabularies and imported modules are hundreds of thousands of long-lived objects;
+        every full collection walked them all, which showed as ~50-100 ms pauses in the p99 of
+        requests that have nothing to do with them.
+        """
+        gc.collect()
+        gc.freeze()
 
     def _load_task(self, task: str) -> dict[str, ExportedModel]:
         names = models_for(task) or exported_names(task)
@@ -332,6 +343,7 @@ class ImageService(ImageAPIs):
     def __init__(self) -> None:
         self._start()
         self._init_images()
+        self._settle()
 
 
 @bentoml.asgi_app(playground_app, path="/ui")
@@ -340,6 +352,7 @@ class PriceService(PriceAPIs):
     def __init__(self) -> None:
         self._start()
         self._init_prices()
+        self._settle()
 
 
 @bentoml.asgi_app(playground_app, path="/ui")
@@ -348,6 +361,7 @@ class PoemService(PoemAPIs):
     def __init__(self) -> None:
         self._start()
         self._init_poems()
+        self._settle()
 
 
 @bentoml.asgi_app(playground_app, path="/ui")
@@ -360,6 +374,7 @@ class DlbookService(ImageAPIs, PriceAPIs, PoemAPIs):
         self._init_images()
         self._init_prices()
         self._init_poems()
+        self._settle()
 
 
 for _service in (ImageService, PriceService, PoemService, DlbookService):

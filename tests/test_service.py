@@ -211,6 +211,12 @@ def test_metrics_report_our_models(server: str) -> None:
     text = httpx.get(f"{server}/metrics", timeout=10).text
     assert 'dlbook_inference_seconds_count{model="digits-mlp",provider="CPUExecutionProvider"}' in text
     assert "dlbook_batch_size_bucket" in text and "dlbook_requests_total" in text
+    assert re.search(r'dlbook_request_seconds_count\{path="/classify_pixels",status="200"\} [1-9]', text), text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # the whole page parses
+    samples = [s.name for s in families["dlbook_request_seconds"].samples]
+    assert samples.index("dlbook_request_seconds_bucket") < samples.index("dlbook_request_seconds_count")
 
 
 @pytest.mark.parametrize(
