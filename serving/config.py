@@ -23,7 +23,7 @@ class ServingLimits:
     generation_timeout_s: float = 30.0
     max_batch: int = 256  # rows per ONNX Runtime call (images, houses)
     max_poem_batch: int = 64  # live sequences per decoding step
-    inline_rows: int = 0  # image/house batches this small run on the event loop (see serving.batching)
+    inline_rows: int = 16  # image/house batches this small run on the event loop (see serving.batching)
 
     @classmethod
     def from_env(cls) -> ServingLimits:
