@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {fetch,train,presets,summary,report,export,up}``."""
+"""Command line: ``python -m training {fetch,train,presets,summary,report,export,quantize-report,up}``."""
 
 from __future__ import annotations
 
@@ -80,7 +80,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     failed = 0
     for run in runs:
         try:
-            meta = export_run(run, name=args.name if len(runs) == 1 else None, store=not args.no_store)
+            meta = export_run(run, name=args.name if len(runs) == 1 else None, store=not args.no_store,
+                              int8=args.int8)
         except ExportError as err:
             print(f"error: {err}", file=sys.stderr)
             failed += 1
@@ -88,7 +89,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
         parity = meta["parity"]
         print(f"{run.name} → {meta.get('tag', meta['name'])}  onnx {meta['files']['model.onnx']['bytes'] / 1e6:.2f} MB"
               f"  parity: torchscript {parity['torchscript']:.1e}, onnxruntime {parity['onnxruntime']:.1e}")
+        if "quantization" in meta:
+            decision = meta["quantization"]["decision"]
+            print(f"  int8: {'kept' if decision['keep'] else 'not kept'} ({'; '.join(decision['reasons'])})")
     return 1 if failed else 0
+
+
+def _cmd_quantize_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from training.quantize_report import write_quantization_report
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    path = write_quantization_report(names, Path(args.output), rounds=args.rounds,
+                                     json_path=Path(args.json) if args.json else None)
+    print(f"wrote {path}")
+    return 0
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -136,7 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run folder names under runs/, or 'all'")
     p.add_argument("--name", help="model store name (one run only; default e.g. fashion-lenet)")
     p.add_argument("--no-store", action="store_true", help="check export and parity without saving")
+    p.add_argument("--int8", action="store_true",
+                   help="also ship a dynamic int8 model.int8.onnx when it is faster and as accurate "
+                        "(docs/QUANTIZATION.md)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("quantize-report",
+                       help="int8 vs float speed and quality per stored model → docs/QUANTIZATION.md")
+    p.add_argument("--models", default="digits-mlp,fashion-lenet,house-price,tang-poem",
+                   help="comma-separated model store names (name or name:version) or exported model folders")
+    p.add_argument("--rounds", type=int, default=5, help="alternated float/int8 timing rounds")
+    p.add_argument("--output", default="docs/QUANTIZATION.md")
+    p.add_argument("--json", help="also write every figure here")
+    p.set_defaults(func=_cmd_quantize_report)
 
     p = sub.add_parser("up", help="get data, train what is missing, then serve (the README's first command)")
     p.add_argument("--profile", choices=["quick", "full"], default="quick")

@@ -254,7 +254,8 @@ def model_card(name: str, meta: dict[str, Any]) -> str:
         f"- Parity (max abs vs eager): TorchScript {meta['parity']['torchscript']:.2e}, "
         f"ONNX Runtime {meta['parity']['onnxruntime']:.2e} (bound {TOLERANCE:g})",
         f"- Exported with torch {meta['versions']['torch']}, onnx {meta['versions']['onnx']}, "
-        f"opset {OPSET}", "",
+        f"opset {OPSET}",
+        *_int8_line(meta.get("quantization")), "",
         "## Notes", "", s.get("notes", "") or "–", "",
         "## Intended use", "",
         "A textbook model, reproduced for teaching and for serving demos; see docs/RESULTS.md for how it "
@@ -263,8 +264,19 @@ def model_card(name: str, meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_run(run_dir: Path, name: str | None = None, store: bool = True) -> dict[str, Any]:
-    """Export one run; returns its metadata (with ``tag`` when saved to the store)."""
+def _int8_line(report: dict[str, Any] | None) -> list[str]:
+    if report is None:
+        return []
+    verdict = "shipped as `model.int8.onnx`" if report["decision"]["keep"] else "not shipped"
+    return [f"- Dynamic int8: {verdict} ({'; '.join(report['decision']['reasons'])})"]
+
+
+def export_run(run_dir: Path, name: str | None = None, store: bool = True, int8: bool = False) -> dict[str, Any]:
+    """Export one run; returns its metadata (with ``tag`` when saved to the store).
+
+    ``int8``: also try a dynamic int8 ONNX model (``training.quantize``); it ships as ``model.int8.onnx``
+    only when it is faster and as accurate, and its report goes into meta.json either way.
+    """
     import onnx
 
     model, saved = load_run(run_dir)
@@ -294,9 +306,14 @@ def export_run(run_dir: Path, name: str | None = None, store: bool = True) -> di
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "opset": OPSET,
                          "python": platform.python_version()},
         }
+        files = ["model.onnx", "model.ts", "MODEL_CARD.md"]
+        if int8:
+            from training.quantize import quantize_for_export
+
+            meta["quantization"] = quantize_for_export(work, meta)
+            files += [meta["quantization"]["file"]] if meta["quantization"]["decision"]["keep"] else []
         (work / "MODEL_CARD.md").write_text(model_card(name, meta), encoding="utf-8")
-        meta["files"] = {f: {"sha256": sha256_file(work / f), "bytes": (work / f).stat().st_size}
-                         for f in ("model.onnx", "model.ts", "MODEL_CARD.md")}
+        meta["files"] = {f: {"sha256": sha256_file(work / f), "bytes": (work / f).stat().st_size} for f in files}
         if store:
             meta["tag"] = save_to_store(name, work, meta)
         _record_onnx_size(run_dir, meta["files"]["model.onnx"]["bytes"])
