@@ -22,6 +22,7 @@ import uuid
 from python_multipart.multipart import parse_options_header
 from starlette.responses import JSONResponse
 
+from serving.admission import LoopLag, queue_budget_s
 from serving.config import bentoml_metrics
 from serving.metrics import ERRORS, REQUEST_SECONDS, SHED, exposition
 
@@ -222,8 +223,9 @@ class RequestGuardMiddleware:
     """Checks every request before BentoML parses it, and logs it with its id when it is answered.
 
     401 without the API key (when one is set); 503 with ``Retry-After`` when the worker already holds
-    ``max_in_flight`` API requests (a fast refusal the client can retry elsewhere beats a slow answer
-    that times out: it keeps the latency of accepted requests bounded); 413 for a body over
+    ``max_in_flight`` API requests or its event loop runs later than ``DLBOOK_MAX_QUEUE_MS`` (see
+    :mod:`serving.admission`): a fast refusal the client can retry elsewhere beats a slow answer that
+    times out, and it keeps the latency of accepted requests bounded; 413 for a body over
     ``max_body`` bytes (by Content-Length at once, else while reading); 400 for multipart parts the
     endpoint does not take. Health, metrics and docs are never shed or logged.
     """
@@ -233,6 +235,8 @@ class RequestGuardMiddleware:
         self.max_body = max_body or max_body_bytes()
         self.in_flight_limit = max_in_flight() if in_flight_limit is None else in_flight_limit
         self.in_flight = 0
+        self.queue_budget = queue_budget_s()
+        self.loop_lag = LoopLag()
         self.key = api_key()
         self.serve_metrics = not bentoml_metrics()  # then BentoML has no /metrics route: we answer it
 
@@ -282,6 +286,14 @@ class RequestGuardMiddleware:
             await self._refuse(send, 503, f"the server is at capacity ({self.in_flight_limit} requests in progress "
                                "per worker, DLBOOK_MAX_IN_FLIGHT); retry after a second", path)
             return
+        if self.queue_budget:
+            self.loop_lag.ensure_running()
+            if self.loop_lag.lag_s > self.queue_budget:
+                SHED.labels(route_label(path)).inc()
+                await self._refuse(send, 503, f"the server is at capacity (requests wait over "
+                                   f"{self.queue_budget * 1e3:.0f} ms, DLBOOK_MAX_QUEUE_MS); retry after a second",
+                                   path)
+                return
         if scope.get("method") in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return

@@ -91,6 +91,9 @@ def is_small_image(data: bytes, max_bytes: int = 32 * 1024, max_pixels: int = 25
     """
     if len(data) > max_bytes:
         return False
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":  # PNG: the size is at a fixed place
+        width, height = struct.unpack(">II", data[16:24])
+        return width * height <= max_pixels
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size

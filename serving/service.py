@@ -309,7 +309,13 @@ class PoemAPIs(_Base):
                     index, ch = await asyncio.wait_for(queue.get(), min(timeout, 0.5))
                 except TimeoutError:
                     continue
-                yield _event("token", {"index": index, "char": ch})
+                # Everything one decoding step produced goes out as one write: a write per character
+                # costs a trip through every middleware's send, the larger part of serving a stream.
+                events = [_event("token", {"index": index, "char": ch})]
+                while not queue.empty():
+                    index, ch = queue.get_nowait()
+                    events.append(_event("token", {"index": index, "char": ch}))
+                yield "".join(events)
             await finished
             poems = [{"poem": s.text, "seed": s.seed} for s in samplers]
             yield _event("done", {"model": name, "version": version, "poems": poems})

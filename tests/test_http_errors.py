@@ -46,3 +46,25 @@ def test_request_ids_take_a_sane_client_id_or_make_one() -> None:
 def test_metric_labels_are_bounded_to_known_routes() -> None:
     assert route_label("/classify") == "/classify"
     assert route_label("/wp-admin/setup.php") == "other"
+
+
+def test_loop_lag_rises_while_the_loop_is_blocked_and_falls_after() -> None:
+    """The shedding signal: a loop busy with queued work runs its timers late, an idle one on time."""
+    import asyncio
+    import time
+
+    from serving.admission import LoopLag
+
+    async def scenario() -> tuple[float, float]:
+        lag = LoopLag()
+        lag.ensure_running()
+        for _ in range(10):  # ten rounds of 40 ms of work that never yields: a saturated worker
+            time.sleep(0.04)
+            await asyncio.sleep(0)
+        busy = lag.lag_s
+        await asyncio.sleep(0.3)
+        return busy, lag.lag_s
+
+    busy, idle = asyncio.run(scenario())
+    assert busy > 0.02, busy
+    assert idle < 0.005, idle
