@@ -51,10 +51,17 @@ class PoemEngine:
             self._live = []
             self._task = loop.create_task(self._run())
 
-    async def stream(self, sampler: PoemSampler) -> AsyncIterator[str]:
-        """Characters of one poem as the shared loop produces them."""
+    async def stream(self, sampler: PoemSampler, deadline: float | None = None) -> AsyncIterator[str]:
+        """Characters of one poem as the shared loop produces them.
+
+        ``deadline`` (event-loop time) ends the poem with ``TimeoutError``: one timer per poem, where
+        ``asyncio.wait_for`` around each character would create a task per character.
+        """
         self._ensure_loop()
         live = _Live(sampler, asyncio.Queue(), np.zeros((self.num_layers, self.hidden_size), np.float32))
+        timer = None
+        if deadline is not None:
+            timer = asyncio.get_running_loop().call_at(deadline, live.events.put_nowait, TimeoutError())
         await self._pending.put(live)
         try:
             while True:
@@ -65,10 +72,12 @@ class PoemEngine:
                     raise item
                 yield item
         finally:
-            live.cancelled = True  # a client that went away stops costing steps
+            live.cancelled = True  # a client that went away (or ran out of time) stops costing steps
+            if timer is not None:
+                timer.cancel()
 
-    async def generate(self, sampler: PoemSampler) -> str:
-        return "".join([ch async for ch in self.stream(sampler)])
+    async def generate(self, sampler: PoemSampler, deadline: float | None = None) -> str:
+        return "".join([ch async for ch in self.stream(sampler, deadline)])
 
     def _admit(self) -> None:
         while len(self._live) < self.max_batch and not self._pending.empty():

@@ -77,10 +77,9 @@ class PoemGenerator:
         seed = request.seed if request.seed is not None else secrets.randbits(31)
         return [PoemSampler(plan, self.vocab, params, seed + i) for i in range(request.n)]
 
-    async def stream(self, sampler: PoemSampler) -> AsyncIterator[str]:
-        async for ch in self.engine.stream(sampler):
-            yield ch
+    def stream(self, sampler: PoemSampler, deadline: float | None = None) -> AsyncIterator[str]:
+        return self.engine.stream(sampler, deadline)
 
-    async def generate(self, sampler: PoemSampler) -> dict[str, Any]:
-        text = await self.engine.generate(sampler)
+    async def generate(self, sampler: PoemSampler, deadline: float | None = None) -> dict[str, Any]:
+        text = await self.engine.generate(sampler, deadline)
         return {"poem": text, "seed": sampler.seed}

@@ -262,8 +262,8 @@ class PoemAPIs(_Base):
         params = {k: v for k, v in locals().items() if k not in ("self", "model")}
         try:
             name, generator, samplers = self._poem_request(model, params)
-            poems = await asyncio.wait_for(asyncio.gather(*[generator.generate(s) for s in samplers]),
-                                           self.limits.generation_timeout_s)
+            deadline = asyncio.get_running_loop().time() + self.limits.generation_timeout_s
+            poems = await asyncio.gather(*[generator.generate(s, deadline) for s in samplers])
             return answer({"model": name, "version": generator.model.tag.split(":")[1], "poems": poems})
         except TimeoutError:
             return error_response("generation took longer than DLBOOK_GENERATION_TIMEOUT_S; ask for fewer poems "
@@ -291,32 +291,46 @@ class PoemAPIs(_Base):
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _sse(self, name: str, version: str, generator: PoemGenerator, samplers: list) -> AsyncIterator[str]:
-        queue: asyncio.Queue = asyncio.Queue()
+        """Token events as the poems are written, then ``done`` (or ``error``).
 
-        async def pump(index: int, sampler) -> None:
-            async for ch in generator.stream(sampler):
-                queue.put_nowait((index, ch))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(samplers)]
-        finished = asyncio.gather(*tasks)
+        One poem (the usual request) is relayed straight from the engine. Several are merged through
+        one queue by a pump task each, and every decoding step's characters go out in one write: a
+        write per character costs a trip through every middleware's ``send``.
+        """
         deadline = asyncio.get_running_loop().time() + self.limits.generation_timeout_s
+        tasks: list[asyncio.Task] = []
         try:
-            while not (finished.done() and queue.empty()):
-                timeout = deadline - asyncio.get_running_loop().time()
-                if timeout <= 0:
-                    raise TimeoutError
-                try:
-                    index, ch = await asyncio.wait_for(queue.get(), min(timeout, 0.5))
-                except TimeoutError:
-                    continue
-                # Everything one decoding step produced goes out as one write: a write per character
-                # costs a trip through every middleware's send, the larger part of serving a stream.
-                events = [_event("token", {"index": index, "char": ch})]
-                while not queue.empty():
-                    index, ch = queue.get_nowait()
-                    events.append(_event("token", {"index": index, "char": ch}))
-                yield "".join(events)
-            await finished
+            if len(samplers) == 1:
+                async for ch in generator.stream(samplers[0], deadline):
+                    yield _event("token", {"index": 0, "char": ch})
+            else:
+                queue: asyncio.Queue = asyncio.Queue()
+
+                async def pump(index: int, sampler) -> None:
+                    try:
+                        async for ch in generator.stream(sampler, deadline):
+                            queue.put_nowait((index, ch))
+                    except Exception as err:  # noqa: BLE001 - handed to the writer, which reports it
+                        queue.put_nowait((index, err))
+                    finally:
+                        queue.put_nowait((index, None))
+
+                tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(samplers)]
+                running = len(tasks)
+                while running:
+                    items = [await queue.get()]
+                    while not queue.empty():
+                        items.append(queue.get_nowait())
+                    events = []
+                    for index, item in items:
+                        if item is None:
+                            running -= 1
+                        elif isinstance(item, BaseException):
+                            raise item
+                        else:
+                            events.append(_event("token", {"index": index, "char": item}))
+                    if events:
+                        yield "".join(events)
             poems = [{"poem": s.text, "seed": s.seed} for s in samplers]
             yield _event("done", {"model": name, "version": version, "poems": poems})
         except TimeoutError:
