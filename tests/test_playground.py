@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from live_server import serve
 from PIL import Image
+from test_service import _check_form
 
 from training.datasets.images import load_image_split
 
@@ -187,12 +188,6 @@ def _acrostic(exported: dict[str, dict], length: int) -> str:
     return "".join(usable[:length])
 
 
-def _check_form(poem: str, chars: int, lines: int) -> None:
-    assert len(poem) == lines * (chars + 1), poem
-    for line in range(lines):
-        clause = poem[line * (chars + 1): (line + 1) * (chars + 1)]
-        assert all(re.match(r"[\u3400-\u4dbf\u4e00-\u9fff]", ch) for ch in clause[:-1]), poem
-        assert clause[-1] == ("，" if line % 2 == 0 else "。"), poem
 
 
 def test_a_poem_streams_in_with_the_chosen_form_and_acrostic(page: Any, server: str, exported: dict[str, dict],
