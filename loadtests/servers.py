@@ -63,17 +63,25 @@ def running(cmd: list[str], ready_path: str, port: int, log: Path, env: dict[str
                                 env={**os.environ, **(env or {})}, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     _PIDS[base] = proc.pid
+    children: list = []
     try:
         wait_ready(base + ready_path, proc, log)
         yield base
     finally:
+        import psutil
+
         _PIDS.pop(base, None)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            children = psutil.Process(proc.pid).children(recursive=True)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        for child in children:  # BentoML's workers run in sessions of their own: the group kill misses them
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
 
 
 def bentoml_service(service: str, log: Path, env: dict[str, str] | None = None):
