@@ -19,12 +19,13 @@ import re
 import time
 import uuid
 
-from python_multipart.multipart import parse_options_header
 from starlette.responses import JSONResponse
 
+from serving import direct_routes
 from serving.admission import LoopLag, queue_budget_s
 from serving.config import bentoml_metrics
 from serving.metrics import ERRORS, REQUEST_SECONDS, SHED, exposition
+from serving.multipart_form import FormError, FormPart, is_multipart, parse_form
 
 logger = logging.getLogger("dlbook.serving")
 access_logger = logging.getLogger("dlbook.access")
@@ -108,43 +109,21 @@ MULTIPART_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 }
 
 
-def _disposition(headers: bytes) -> dict[bytes, bytes] | None:
-    """The parameters of a part's Content-Disposition header, parsed as Starlette parses them."""
-    for line in headers.split(b"\r\n"):
-        key, _, value = line.partition(b":")
-        if key.strip().lower() == b"content-disposition":
-            return parse_options_header(value.strip())[1]
-    return None
+def form_problem(path: str, parts: list[FormPart]) -> str | None:
+    """Why a parsed form does not fit the endpoint, or None when it does.
 
-
-def multipart_problem(path: str, content_type: bytes, body: bytes) -> str | None:
-    """Why a multipart body does not fit the endpoint, or None when it does.
-
-    Every endpoint: a boundary, a named Content-Disposition per part, and files only in the fields
-    that take files (BentoML answers a file elsewhere with 500). Endpoints in ``MULTIPART_FIELDS``
-    also refuse unknown fields and text where a file belongs (BentoML would fetch it as a URL).
+    Every endpoint: files only in the fields that take files (BentoML answers a file elsewhere with
+    500). Endpoints in ``MULTIPART_FIELDS`` also refuse unknown fields and text where a file belongs
+    (BentoML would fetch it as a URL).
     """
-    if not content_type.lower().startswith(b"multipart/form-data"):
-        return None
-    boundary = next((p.split(b"=", 1)[1].strip().strip(b'"') for p in content_type.split(b";")
-                     if p.strip().lower().startswith(b"boundary=")), None)
-    if not boundary:
-        return "multipart body without a boundary; let your HTTP client build the form (or send JSON)"
     allowed, files = MULTIPART_FIELDS.get(path, (None, frozenset()))
-    for part in body.split(b"--" + boundary)[1:]:
-        if part.startswith(b"--"):
-            break
-        params = _disposition(part.lstrip(b"\r\n").split(b"\r\n\r\n", 1)[0])
-        if params is None or b"name" not in params:
-            return "a multipart part has no Content-Disposition name; let your HTTP client build the form"
-        field = params[b"name"].decode("utf-8", "replace")
-        if allowed is not None and field not in allowed:
-            return f"unknown form field {field!r}; this endpoint takes {', '.join(sorted(allowed))}"
-        is_file = b"filename" in params
-        if is_file and field not in files:
-            return f"form field {field!r} takes a value, not an uploaded file"
-        if field in files and not is_file:
-            return f"form field {field!r} must be an uploaded file (curl -F {field}=@photo.png), not text"
+    for part in parts:
+        if allowed is not None and part.name not in allowed:
+            return f"unknown form field {part.name!r}; this endpoint takes {', '.join(sorted(allowed))}"
+        if part.is_file and part.name not in files:
+            return f"form field {part.name!r} takes a value, not an uploaded file"
+        if part.name in files and not part.is_file:
+            return f"form field {part.name!r} must be an uploaded file (curl -F {part.name}=@photo.png), not text"
     return None
 
 
@@ -217,6 +196,11 @@ def _flatten_validation_errors(send, path: str):
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     return wrapped
+
+
+async def _no_more_body() -> dict:
+    """The ``receive`` for a response sent after the body was read: only a disconnect can follow."""
+    return {"type": "http.disconnect"}
 
 
 class RequestGuardMiddleware:
@@ -314,9 +298,22 @@ class RequestGuardMiddleware:
                 return
             chunks.append(body)
             more = message.get("more_body", False)
-        problem = multipart_problem(path, headers.get(b"content-type", b""), b"".join(chunks))
-        if problem:
-            await self._refuse(send, 400, problem, path)
+        body = b"".join(chunks)
+        content_type = headers.get(b"content-type", b"")
+        form = None
+        if is_multipart(content_type):
+            try:
+                form = parse_form(content_type, body)
+            except FormError as err:
+                await self._refuse(send, 400, str(err), path)
+                return
+            problem = form_problem(path, form)
+            if problem:
+                await self._refuse(send, 400, problem, path)
+                return
+        route = direct_routes.route_for(scope.get("method", ""), path, content_type)
+        if route is not None:
+            await self._answer_directly(route, scope, body, form, send, path)
             return
         replayed = False
         send = _flatten_validation_errors(send, path)
@@ -325,10 +322,27 @@ class RequestGuardMiddleware:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _answer_directly(self, route: direct_routes.DirectRoute, scope, body: bytes,
+                               form: list[FormPart] | None, send, path: str) -> None:
+        """A hot route answered here (see :mod:`serving.direct_routes`), with the statuses BentoML gives."""
+        endpoint = route_label(path)
+        try:
+            response = await direct_routes.respond(route, body, form)
+        except TimeoutError:
+            response = error_response("the request took longer than DLBOOK_REQUEST_TIMEOUT_S; send fewer items "
+                                      "per request or retry when the server is less busy", 504, endpoint)
+        except Exception:  # noqa: BLE001 - a fault of ours: logged in full, answered 500, worker stays up
+            logger.exception("%s failed [request %s]", path, REQUEST_ID.get())
+            response = error_response("internal error while answering; it is logged with this request id",
+                                      500, endpoint)
+        if isinstance(response, str):
+            response = error_response(response, 400, endpoint)
+        await response(scope, _no_more_body, send)
 
     def _too_large(self) -> str:
         return (f"request body exceeds {self.max_body} bytes; send fewer or smaller items per request "
