@@ -10,6 +10,7 @@ every returned poem has exactly the requested form, by construction rather than 
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from functools import cache
@@ -171,14 +172,31 @@ def _candidate_positions(allowed: np.ndarray, vocab_size: int) -> np.ndarray:
     return positions
 
 
+def _penalised(x: np.ndarray, positions: np.ndarray, histories: list[list[int]],
+               penalties: np.ndarray) -> np.ndarray:
+    """Repetition penalty on every row at once: each candidate a row already holds is made less
+    likely once (a positive score divided by the row's penalty, a negative one multiplied), however
+    often it occurs. One mask for all rows replaces a ``np.unique`` per row (a tenth of a step)."""
+    lengths = [len(h) for h in histories]
+    if not any(lengths) or not np.any(penalties != 1.0):
+        return x
+    rows = np.repeat(np.arange(len(histories)), lengths)
+    cols = positions[np.fromiter(itertools.chain.from_iterable(histories), dtype=np.int64, count=sum(lengths))]
+    seen = np.zeros(x.shape, dtype=bool)
+    seen[rows[cols >= 0], cols[cols >= 0]] = True
+    factor = penalties[:, None].astype(x.dtype)
+    return np.where(seen, np.where(x > 0, x / factor, x * factor), x)
+
+
 def sample_rows(logits: np.ndarray, allowed_ids: np.ndarray, histories: list[list[int]],
                 params: list[SamplingParams], rngs: list[np.random.Generator]) -> np.ndarray:
     """One character id per row of ``logits [B, V]``: penalty → mask → temperature → top-k → top-p → draw.
 
-    All rows go through each stage together as ``[B, C]`` arrays over the C candidate characters,
-    so sixteen poems cost about one numpy call per stage, not sixteen. Each row keeps its own
-    parameters and random generator and draws exactly one number from it, so a poem does not depend
-    on which other poems shared its steps.
+    All rows go through each stage together as ``[B, C]`` float32 arrays over the C candidate
+    characters, so sixteen poems cost about one numpy call per stage, not sixteen. Each row keeps
+    its own parameters and random generator and draws exactly one number from it, so a poem does
+    not depend on which other poems shared its steps. float32 is the precision the model's logits
+    come in, and twice as fast as float64 through exp, partition and the running sums.
 
     The nucleus (top-p) is found from probability *values*, never by sorting indices: numpy sorts
     and partitions plain float arrays with SIMD, ~10× faster than ``argsort`` (which took 70% of
@@ -188,24 +206,20 @@ def sample_rows(logits: np.ndarray, allowed_ids: np.ndarray, histories: list[lis
     sorts all its values instead). That is the set a full sort would keep, ties at the threshold aside.
     """
     count = len(allowed_ids)
-    x = logits[:, allowed_ids].astype(np.float64)
+    x = logits[:, allowed_ids].astype(np.float32)
     positions = _candidate_positions(allowed_ids, logits.shape[1])
-    for r, (history, p) in enumerate(zip(histories, params, strict=True)):
-        if p.repetition_penalty != 1.0 and history:
-            cols = positions[np.unique(np.asarray(history))]
-            cols = cols[cols >= 0]
-            seen = x[r, cols]
-            x[r, cols] = np.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+    x = _penalised(x, positions, histories, np.array([p.repetition_penalty for p in params]))
+    for r, p in enumerate(params):
         if 0 < p.top_k < count:
             drop = np.argpartition(-x[r], p.top_k - 1)[p.top_k:]
             x[r, drop] = -np.inf
-    x /= np.array([p.temperature for p in params])[:, None]
+    x *= np.array([1.0 / p.temperature for p in params], dtype=np.float32)[:, None]
     x -= x.max(axis=1, keepdims=True)
-    probs = np.exp(x)
+    probs = np.exp(x, out=x)
     probs /= probs.sum(axis=1, keepdims=True)
 
-    top_p = np.array([p.top_p for p in params])
-    thresholds = np.zeros(len(params))
+    top_p = np.array([p.top_p for p in params], dtype=np.float32)
+    thresholds = np.zeros(len(params), dtype=np.float32)
     nucleus = np.flatnonzero(top_p < 1.0)
     if len(nucleus):
         head_size = min(NUCLEUS_CANDIDATES, count)
@@ -218,10 +232,12 @@ def sample_rows(logits: np.ndarray, allowed_ids: np.ndarray, histories: list[lis
             values = np.sort(probs[nucleus[i]])[::-1]
             cut_all = int(np.searchsorted(np.cumsum(values), top_p[nucleus[i]]))
             thresholds[nucleus[i]] = values[min(cut_all, count - 1)]
-    kept = np.where(probs >= thresholds[:, None], probs, 0.0)
-    cumulative = np.cumsum(kept, axis=1)
-    targets = np.array([rng.random() for rng in rngs]) * cumulative[:, -1]
-    columns = np.minimum((cumulative <= targets[:, None]).sum(axis=1), count - 1)
+    kept = np.where(probs >= thresholds[:, None], probs, np.float32(0.0))
+    cumulative = np.cumsum(kept, axis=1, out=kept)
+    targets = np.array([rng.random() for rng in rngs], dtype=np.float32) * cumulative[:, -1]
+    columns = (cumulative <= targets[:, None]).sum(axis=1)
+    for r in np.flatnonzero(columns >= count):  # the draw rounded up to the total: the last kept candidate
+        columns[r] = np.searchsorted(cumulative[r], cumulative[r, -1], side="left")
     return allowed_ids[columns]
 
 
