@@ -24,6 +24,7 @@ class ServingLimits:
     max_batch: int = 256  # rows per ONNX Runtime call (images, houses)
     max_poem_batch: int = 64  # live sequences per decoding step
     inline_rows: int = 16  # image/house batches this small run on the event loop (see serving.batching)
+    stream_flush_ms: float = 20.0  # a poem stream writes what it has at most this often (first character at once)
 
     @classmethod
     def from_env(cls) -> ServingLimits:
@@ -35,6 +36,7 @@ class ServingLimits:
             max_batch=_int("DLBOOK_MAX_BATCH", cls.max_batch),
             max_poem_batch=_int("DLBOOK_MAX_POEM_BATCH", cls.max_poem_batch),
             inline_rows=_int("DLBOOK_INLINE_ROWS", cls.inline_rows),
+            stream_flush_ms=float(os.environ.get("DLBOOK_STREAM_FLUSH_MS", cls.stream_flush_ms)),
         )
 
 

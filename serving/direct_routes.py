@@ -1,5 +1,5 @@
-"""The hot routes (images, house prices) answered by the request guard itself, past BentoML's
-per-request machinery.
+"""The API routes (images, house prices, poems) answered by the request guard itself, past
+BentoML's per-request machinery.
 
 Why: BentoML 1.4 runs every request through Starlette routing, its request context, a generic
 input path that rebuilds the arguments from the body, and for uploads Starlette's form parser,

@@ -198,11 +198,6 @@ def _flatten_validation_errors(send, path: str):
     return wrapped
 
 
-async def _no_more_body() -> dict:
-    """The ``receive`` for a response sent after the body was read: only a disconnect can follow."""
-    return {"type": "http.disconnect"}
-
-
 class RequestGuardMiddleware:
     """Checks every request before BentoML parses it, and logs it with its id when it is answered.
 
@@ -313,7 +308,7 @@ class RequestGuardMiddleware:
                 return
         route = direct_routes.route_for(scope.get("method", ""), path, content_type)
         if route is not None:
-            await self._answer_directly(route, scope, body, form, send, path)
+            await self._answer_directly(route, scope, receive, body, form, send, path)
             return
         replayed = False
         send = _flatten_validation_errors(send, path)
@@ -327,7 +322,7 @@ class RequestGuardMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _answer_directly(self, route: direct_routes.DirectRoute, scope, body: bytes,
+    async def _answer_directly(self, route: direct_routes.DirectRoute, scope, receive, body: bytes,
                                form: list[FormPart] | None, send, path: str) -> None:
         """A hot route answered here (see :mod:`serving.direct_routes`), with the statuses BentoML gives."""
         endpoint = route_label(path)
@@ -342,7 +337,7 @@ class RequestGuardMiddleware:
                                       500, endpoint)
         if isinstance(response, str):
             response = error_response(response, 400, endpoint)
-        await response(scope, _no_more_body, send)
+        await response(scope, receive, send)  # the body is read: receive now only reports a disconnect
 
     def _too_large(self) -> str:
         return (f"request body exceeds {self.max_body} bytes; send fewer or smaller items per request "

@@ -149,13 +149,21 @@ def _requests() -> list[tuple[str, dict]]:
         ("/predict_price", {"json": {"records": [{"LotArea": -3}]}}),
         ("/predict_price", {"json": {"records": [], "model": {}}}),
         ("/predict_price", {"json": {"records": "all of them"}}),
+        ("/generate_poem", {"json": {"seed": 7, "n": 2, "acrostic": "春风", "lines": 4}}),
+        ("/generate_poem", {"json": {"top_p": 1.5}}),
+        ("/generate_poem", {"json": {"n": "two"}}),
+        ("/generate_poem_stream", {"json": {"seed": 3, "chars_per_clause": 7}}),
+        ("/generate_poem_stream", {"json": {"seed": 3, "n": 3, "prompt": "白日"}}),
+        ("/generate_poem_stream", {"json": {"lines": 6}}),
     ]
 
 
 def _answer(base: str, path: str, request: dict) -> tuple[int, dict]:
     response = httpx.post(f"{base}{path}", timeout=60, **request)
-    body = response.json()
     assert response.headers["x-request-id"]
+    if response.headers["content-type"].startswith("text/event-stream"):
+        return response.status_code, {"events": response.text}
+    body = response.json()
     body.pop("request_id", None)
     return response.status_code, body
 
