@@ -23,6 +23,7 @@ import numpy as np
 
 from preprocessing import Vocabulary
 from serving.artifacts import verify_model_dir
+from serving.model_store import onnx_file
 from serving.poem_engine import PoemEngine
 from serving.poem_sampling import PoemForm, PoemSampler, SamplingParams, advance_all, plan_poem
 from serving.runtime import OnnxModel
@@ -38,7 +39,7 @@ class StepBench:
         meta = verify_model_dir(path)
         self.vocab = Vocabulary.from_dict(meta["preprocessing"]["vocab"])
         self.layers, self.hidden = meta["config"]["num_layers"], meta["config"]["hidden_size"]
-        self.onnx = OnnxModel(path / "model.onnx")
+        self.onnx = OnnxModel(path / onnx_file(meta))  # the graph serving would pick (DLBOOK_PREFER_INT8)
         self.plan = plan_poem(FORM, self.vocab)
 
     def samplers(self, streams: int, offset: int) -> list[PoemSampler]:
