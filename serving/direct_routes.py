@@ -82,13 +82,15 @@ def request_timeout_s() -> float:
     return float(os.environ.get("DLBOOK_REQUEST_TIMEOUT_S", "60"))
 
 
-def validation_sentence(error: ValidationError) -> str:
-    """A pydantic error as one sentence naming each field, as BentoML's 400s are rewritten."""
-    problems = []
-    for item in error.errors(include_url=False, include_input=False)[:10]:
-        where = ".".join(str(part) for part in item.get("loc", ())) or "body"
-        problems.append(f"{where}: {item.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(problems)
+def validation_sentence(problems: list) -> str | None:
+    """Pydantic's error list (``ValidationError.errors()``, or the ``detail`` of BentoML's 400) as one
+    sentence naming each field: ``invalid request: top_k: Input should be a valid integer``."""
+    parts = []
+    for item in problems[:10]:
+        if isinstance(item, dict):
+            where = ".".join(str(part) for part in item.get("loc", ())) or "body"
+            parts.append(f"{where}: {item.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts) if parts else None
 
 
 class DirectRequestError(Exception):
@@ -117,7 +119,8 @@ def arguments(route: DirectRoute, body: bytes, form: list[FormPart] | None) -> d
         fields = {name: getattr(validated, name) for name in type(validated).model_fields}
         return {**fields, route.upload_field: uploads}
     except ValidationError as err:
-        raise DirectRequestError(validation_sentence(err)) from err
+        sentence = validation_sentence(err.errors(include_url=False, include_input=False))
+        raise DirectRequestError(sentence or f"invalid request: {err}") from err
 
 
 async def respond(route: DirectRoute, body: bytes, form: list[FormPart] | None) -> Response | str:

@@ -130,14 +130,7 @@ def form_problem(path: str, parts: list[FormPart]) -> str | None:
 def describe_validation_error(payload: dict) -> str | None:
     """BentoML's pydantic 400 (``{"error", "detail": [...]}``) as one sentence naming each field."""
     detail = payload.get("detail")
-    if not isinstance(detail, list):
-        return None
-    problems = []
-    for item in detail[:10]:
-        if isinstance(item, dict):
-            where = ".".join(str(part) for part in item.get("loc", [])) or "body"
-            problems.append(f"{where}: {item.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(problems) if problems else None
+    return direct_routes.validation_sentence(detail) if isinstance(detail, list) else None
 
 
 class ClientErrorLogFilter(logging.Filter):
