@@ -7,6 +7,7 @@ import pytest
 
 from preprocessing import Vocabulary
 from serving.poem_sampling import (
+    NUCLEUS_CANDIDATES,
     PoemForm,
     PoemRequestError,
     PoemSampler,
@@ -71,13 +72,13 @@ def _reference_nucleus(logits: np.ndarray, ids: np.ndarray, params: SamplingPara
     return set(ids[order[: cut + 1]].tolist())
 
 
-@pytest.mark.parametrize("spread", [0.3, 3.0])  # flat: the nucleus is wider than the 256-value head; peaked
+@pytest.mark.parametrize("spread", [0.3, 3.0])  # flat: the nucleus is wider than the partitioned head; peaked
 def test_nucleus_is_the_full_sort_set(vocab: Vocabulary, spread: float) -> None:
     ids = character_ids(vocab)
     logits = np.random.default_rng(3).normal(scale=spread, size=len(vocab))
     params = SamplingParams(1.0, top_p=0.6, repetition_penalty=1.0)
     expected = _reference_nucleus(logits, ids, params)
-    assert (len(expected) > 256) == (spread < 1)
+    assert (len(expected) > NUCLEUS_CANDIDATES) == (spread < 1)
     draws = sample_rows(np.tile(logits, (4000, 1)), ids, [[]] * 4000, [params] * 4000,
                         [np.random.default_rng(i) for i in range(4000)])
     assert set(draws.tolist()) <= expected
@@ -123,3 +124,27 @@ def test_same_seed_same_poem_and_exact_form(vocab: Vocabulary) -> None:
 def test_sampling_parameters_out_of_range(bad: dict) -> None:
     with pytest.raises(PoemRequestError):
         SamplingParams(**bad)
+
+
+def test_repetition_penalty_counts_a_token_once() -> None:
+    """A character held three times is penalised as much as one held once, and only in its own row."""
+    from serving.poem_sampling import _penalise
+
+    scores = np.array([[2.0, -2.0, 1.0], [2.0, -2.0, 1.0]], dtype=np.float32)
+    once, thrice = scores.copy(), scores.copy()
+    _penalise(once, [[0, 1], []], np.array([2.0, 2.0]))
+    _penalise(thrice, [[0, 0, 0, 1, 1], []], np.array([2.0, 2.0]))
+    assert once.tolist() == thrice.tolist() == [[1.0, -4.0, 1.0], [2.0, -2.0, 1.0]]
+
+
+def test_draw_picks_within_the_kept_cells_at_both_ends() -> None:
+    """Only weights at or above a row's threshold can be drawn; a draw at the very top of the range
+    (float rounding can put it at the total) takes the last kept cell, never one past it."""
+    from serving.poem_sampling import _draw
+
+    weights = np.array([[0.0, 0.5, 0.1, 1.0, 0.2], [0.3, 0.0, 0.0, 0.0, 0.3]], dtype=np.float32)
+    thresholds = np.array([0.2, 0.0], dtype=np.float32)
+    assert _draw(weights, thresholds, np.array([0.0, 0.0])).tolist() == [1, 0]
+    assert _draw(weights, thresholds, np.array([np.nextafter(1.0, 0.0), 1.0])).tolist() == [4, 4]
+    draws = {int(_draw(weights, thresholds, np.array([u, u]))[0]) for u in np.linspace(0, 0.999, 200)}
+    assert draws == {1, 3, 4}
