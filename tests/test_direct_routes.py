@@ -158,11 +158,26 @@ def _requests() -> list[tuple[str, dict]]:
     ]
 
 
+def _stream_contents(text: str) -> dict:
+    """What a poem stream says: each poem's characters in order, and the other events in order.
+    How the token events of several poems interleave depends on timing, and is not part of the contract."""
+    tokens: dict[int, str] = {}
+    others = []
+    for block in filter(None, text.split("\n\n")):
+        kind, data = (line.split(": ", 1)[1] for line in block.split("\n"))
+        if kind == "token":
+            token = json.loads(data)
+            tokens[token["index"]] = tokens.get(token["index"], "") + token["char"]
+        else:
+            others.append((kind, data))
+    return {"tokens": tokens, "events": others}
+
+
 def _answer(base: str, path: str, request: dict) -> tuple[int, dict]:
     response = httpx.post(f"{base}{path}", timeout=60, **request)
     assert response.headers["x-request-id"]
     if response.headers["content-type"].startswith("text/event-stream"):
-        return response.status_code, {"events": response.text}
+        return response.status_code, _stream_contents(response.text)
     body = response.json()
     body.pop("request_id", None)
     return response.status_code, body

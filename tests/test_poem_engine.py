@@ -50,3 +50,31 @@ def test_a_deadline_ends_a_poem_with_timeout_and_frees_its_slot(engine_parts) ->
         return await engine.generate(_samplers(vocab, 1)[0], deadline=loop.time() + 60)
 
     assert len(asyncio.run(run())) == 64
+
+
+class _FailsOnce:
+    """The real step graph, except that its first run raises (a fault injected, not a stand-in model)."""
+
+    def __init__(self, model: OnnxModel) -> None:
+        self.model, self.failed = model, False
+
+    def run(self, feeds: dict) -> list:
+        if not self.failed:
+            self.failed = True
+            raise MemoryError("injected")
+        return self.model.run(feeds)
+
+
+def test_a_failed_step_fails_the_poems_in_flight_and_the_engine_keeps_serving(exported: dict[str, dict]) -> None:
+    meta = exported["poem_rnn"]
+    path = Path(bentoml.models.get(meta["tag"]).path)
+    vocab = Vocabulary.from_dict(meta["preprocessing"]["vocab"])
+    engine = PoemEngine(_FailsOnce(OnnxModel(path / "model.onnx")), meta["config"]["num_layers"],
+                        meta["config"]["hidden_size"])
+
+    async def run() -> str:
+        with pytest.raises(RuntimeError, match="generation failed: MemoryError"):
+            await engine.generate(_samplers(vocab, 1)[0])
+        return await engine.generate(_samplers(vocab, 1)[0])
+
+    assert len(asyncio.run(run())) == 64
