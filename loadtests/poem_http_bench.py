@@ -9,7 +9,10 @@ Per round, alternating which goes first:
 - ``streams`` concurrent streaming requests: aggregate characters/s, per-stream characters/s and
   time to first character (p50/p99);
 - ``streams`` concurrent plain ``/generate_poem`` requests: aggregate characters/s;
-- the same ``streams`` plain requests one after another (what serving them without batching gives).
+- the same ``streams`` plain requests one after another (what serving them without batching gives);
+- ``streams`` requests kept in flight for ``--sustain`` seconds, streaming and then plain: each client
+  asks for its next poem when the last ends, so the figure is the steady state at that concurrency,
+  without the ramp of one burst (arrivals spread over tens of ms, a batch part full meanwhile).
 Every poem is 8 lines of 7 characters; characters are counted with their marks (64 per poem), as the
 model generates them. The server is PoemService with its defaults, on 127.0.0.1.
 """
@@ -93,12 +96,42 @@ async def measure(base: str, streams: int, seed: int) -> dict[str, object]:
             "ttfc_p50_ms": statistics.median(ttfcs) * 1e3, "ttfc_p99_ms": ttfcs[-1] * 1e3}
 
 
+async def sustained(base: str, streams: int, seconds: float, seed: int, streaming: bool) -> float:
+    """Aggregate characters/s with ``streams`` requests always in flight for ``seconds``: each of
+    ``streams`` clients asks for the next poem as soon as its last one ends (a closed loop, as a load
+    generator holds a concurrency). A single burst of ``streams`` requests also times their arrival
+    and their staggered ends, when the batch is part full; held open, the batch stays near full."""
+    limits = httpx.Limits(max_connections=streams + 4)
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+        began = time.perf_counter()
+        end = began + seconds
+
+        async def client_loop(index: int) -> int:
+            chars, n = 0, 0
+            while time.perf_counter() < end:
+                poem_seed = seed + index * 10_000 + n
+                chars += (await one_stream(client, poem_seed))["chars"] if streaming else await one_plain(
+                    client, poem_seed)
+                n += 1
+            return chars
+
+        total = sum(await asyncio.gather(*[client_loop(i) for i in range(streams)]))
+        return total / (time.perf_counter() - began)
+
+
+async def measure_sustained(base: str, streams: int, seconds: float, seed: int) -> dict[str, float]:
+    return {"sustained_sse": await sustained(base, streams, seconds, seed, True),
+            "sustained_plain": await sustained(base, streams, seconds, seed + 500_000, False)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tang-poem")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="settings for our service")
+    parser.add_argument("--sustain", type=float, default=10.0,
+                        help="seconds to hold --streams requests in flight (SSE, then plain), per round")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -113,8 +146,10 @@ def main() -> None:
             if r % 2 == 0:
                 ceiling = bench.ceiling(args.streams)
                 served = asyncio.run(measure(base, args.streams, 1000 * (r + 1)))
+                served |= asyncio.run(measure_sustained(base, args.streams, args.sustain, 1000 * (r + 1)))
             else:
-                served = asyncio.run(measure(base, args.streams, 1000 * (r + 1)))
+                served = asyncio.run(measure_sustained(base, args.streams, args.sustain, 1000 * (r + 1)))
+                served |= asyncio.run(measure(base, args.streams, 1000 * (r + 1)))
                 ceiling = bench.ceiling(args.streams)
             rounds.append({"ceiling": ceiling, **served})
             print(json.dumps({k: round(v, 1) for k, v in rounds[-1].items()}), flush=True)
@@ -133,6 +168,10 @@ def main() -> None:
     print(f"| {args.streams} concurrent plain requests, aggregate | {med['plain_aggregate']:,.0f} "
           f"(**{med['plain_aggregate'] / med['ceiling']:.2f}×** ceiling) |")
     print(f"| the same {args.streams} plain requests one after another | {med['sequential']:,.0f} |")
+    for key, what in (("sustained_sse", "SSE"), ("sustained_plain", "plain")):
+        print(f"| {args.streams} {what} requests kept in flight for {args.sustain:.0f} s, aggregate | "
+              f"{med[key]:,.0f} (**{med[key] / med['ceiling']:.2f}×** ceiling, "
+              f"**{med[key] / med['sequential']:.2f}×** sequential) |")
     if args.json:
         args.json.write_text(json.dumps({"rounds": rounds, "median": med}, indent=2))
 
