@@ -12,6 +12,8 @@ from serving.poem_sampling import (
     PoemRequestError,
     PoemSampler,
     SamplingParams,
+    _draw,
+    _penalise,
     character_ids,
     plan_poem,
     sample_next,
@@ -128,8 +130,6 @@ def test_sampling_parameters_out_of_range(bad: dict) -> None:
 
 def test_repetition_penalty_counts_a_token_once() -> None:
     """A character held three times is penalised as much as one held once, and only in its own row."""
-    from serving.poem_sampling import _penalise
-
     scores = np.array([[2.0, -2.0, 1.0], [2.0, -2.0, 1.0]], dtype=np.float32)
     once, thrice = scores.copy(), scores.copy()
     _penalise(once, [[0, 1], []], np.array([2.0, 2.0]))
@@ -140,8 +140,6 @@ def test_repetition_penalty_counts_a_token_once() -> None:
 def test_draw_picks_within_the_kept_cells_at_both_ends() -> None:
     """Only weights at or above a row's threshold can be drawn; a draw at the very top of the range
     (float rounding can put it at the total) takes the last kept cell, never one past it."""
-    from serving.poem_sampling import _draw
-
     weights = np.array([[0.0, 0.5, 0.1, 1.0, 0.2], [0.3, 0.0, 0.0, 0.0, 0.3]], dtype=np.float32)
     thresholds = np.array([0.2, 0.0], dtype=np.float32)
     assert _draw(weights, thresholds, np.array([0.0, 0.0])).tolist() == [1, 0]
