@@ -4,7 +4,8 @@
 
 Per round, alternating which goes first:
 - ceiling: the model's step graph plus our sampling code at batch ``streams`` in this process, no
-  engine, no HTTP (what continuous batching could reach at best);
+  engine, no HTTP (what continuous batching could reach at best), batch after batch for ``--sustain``
+  seconds;
 - one stream: a single ``/generate_poem_stream`` request alone (characters/s, time to first character);
 - ``streams`` concurrent streaming requests: aggregate characters/s, per-stream characters/s and
   time to first character (p50/p99);
@@ -15,23 +16,32 @@ Per round, alternating which goes first:
   without the ramp of one burst (arrivals spread over tens of ms, a batch part full meanwhile).
 Every poem is 8 lines of 7 characters; characters are counted with their marks (64 per poem), as the
 model generates them. The server is PoemService with its defaults, on 127.0.0.1.
+
+The load generator shares this machine's cores with the server, so it has to be light: by default
+each simulated user is a keep-alive connection of :mod:`loadtests.lean_http` (0.06 of a core for 16 SSE
+streams, where httpx took 0.25 and slowed the server's decoding step by a third). ``--client httpx``
+measures with httpx, for comparison with earlier figures. Either way every stream is checked: its
+characters must spell the poem of its ``done`` event (lean) or number 64 (httpx).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from loadtests.lean_http import LeanConnection  # noqa: E402
 from loadtests.poem_throughput import FORM, StepBench  # noqa: E402
 from loadtests.servers import bentoml_service  # noqa: E402
 
@@ -40,53 +50,94 @@ def body(seed: int) -> dict:
     return {"chars_per_clause": FORM.chars_per_clause, "lines": FORM.lines, "seed": seed}
 
 
-async def one_stream(client: httpx.AsyncClient, seed: int) -> dict:
-    """Stream one poem; characters/s from request to ``done`` and time to the first character."""
-    began = time.perf_counter()
-    first, chars, poem = None, 0, None
-    async with client.stream("POST", "/generate_poem_stream", json=body(seed)) as answer:
-        answer.raise_for_status()
-        event = None
-        async for line in answer.aiter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: ") and event == "token":
-                chars += 1
-                if first is None:
-                    first = time.perf_counter() - began
-            elif line.startswith("data: ") and event == "done":
-                poem = json.loads(line[6:])["poems"][0]["poem"]
-            elif line.startswith("data: ") and event == "error":
-                raise RuntimeError(line)
-    seconds = time.perf_counter() - began
+def _check_poem(poem: str | None, chars: int) -> None:
     if poem is None or len(poem) != FORM.slots or chars != FORM.slots:
         raise RuntimeError(f"stream ended without a whole poem ({chars} characters, poem {poem!r})")
-    return {"chars": chars, "seconds": seconds, "ttfc": first, "rate": chars / seconds}
 
 
-async def one_plain(client: httpx.AsyncClient, seed: int) -> int:
-    answer = await client.post("/generate_poem", json=body(seed))
-    answer.raise_for_status()
-    poem = answer.json()["poems"][0]["poem"]
-    if len(poem) != FORM.slots:
-        raise RuntimeError(f"poem of the wrong form: {poem!r}")
-    return len(poem)
+class HttpxUser:
+    """One simulated user on a shared httpx client (the benchmark's client before ``lean_http``)."""
 
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
 
-async def measure(base: str, streams: int, seed: int) -> dict[str, object]:
-    limits = httpx.Limits(max_connections=streams + 4)
-    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
-        alone = await one_stream(client, seed)
+    async def stream(self, seed: int) -> dict:
+        """Stream one poem; characters/s from request to ``done`` and time to the first character."""
         began = time.perf_counter()
-        many = await asyncio.gather(*[one_stream(client, seed + 1 + i) for i in range(streams)])
+        first, chars, poem = None, 0, None
+        async with self.client.stream("POST", "/generate_poem_stream", json=body(seed)) as answer:
+            answer.raise_for_status()
+            event = None
+            async for line in answer.aiter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event == "token":
+                    chars += 1
+                    if first is None:
+                        first = time.perf_counter() - began
+                elif line.startswith("data: ") and event == "done":
+                    poem = json.loads(line[6:])["poems"][0]["poem"]
+                elif line.startswith("data: ") and event == "error":
+                    raise RuntimeError(line)
+        seconds = time.perf_counter() - began
+        _check_poem(poem, chars)
+        return {"chars": chars, "seconds": seconds, "ttfc": first, "rate": chars / seconds}
+
+    async def plain(self, seed: int) -> int:
+        answer = await self.client.post("/generate_poem", json=body(seed))
+        answer.raise_for_status()
+        poem = answer.json()["poems"][0]["poem"]
+        _check_poem(poem, len(poem))
+        return len(poem)
+
+
+class LeanUser:
+    """One simulated user on a keep-alive connection of its own (:mod:`loadtests.lean_http`)."""
+
+    def __init__(self, base: str) -> None:
+        self.connection = LeanConnection(base)
+
+    async def stream(self, seed: int) -> dict:
+        answer = await self.connection.stream_poem("/generate_poem_stream", body(seed))
+        _check_poem(answer.poem, answer.tokens)
+        return {"chars": answer.tokens, "seconds": answer.seconds, "ttfc": answer.first_token_s,
+                "rate": answer.tokens / answer.seconds}
+
+    async def plain(self, seed: int) -> int:
+        poem = (await self.connection.post_json("/generate_poem", body(seed)))["poems"][0]["poem"]
+        _check_poem(poem, len(poem))
+        return len(poem)
+
+
+@contextlib.asynccontextmanager
+async def users(kind: str, base: str, count: int) -> AsyncIterator[list]:
+    """``count`` simulated users of the ``kind`` of client (``lean`` or ``httpx``)."""
+    if kind == "httpx":
+        limits = httpx.Limits(max_connections=count + 4)
+        async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+            yield [HttpxUser(client) for _ in range(count)]
+        return
+    lean = [LeanUser(base) for _ in range(count)]
+    try:
+        yield lean
+    finally:
+        for user in lean:
+            await user.connection.close()
+
+
+async def measure(kind: str, base: str, streams: int, seed: int) -> dict[str, object]:
+    async with users(kind, base, streams) as crowd:
+        alone = await crowd[0].stream(seed)
+        began = time.perf_counter()
+        many = await asyncio.gather(*[u.stream(seed + 1 + i) for i, u in enumerate(crowd)])
         stream_rate = sum(m["chars"] for m in many) / (time.perf_counter() - began)
         began = time.perf_counter()
-        plain = await asyncio.gather(*[one_plain(client, seed + 100 + i) for i in range(streams)])
+        plain = await asyncio.gather(*[u.plain(seed + 100 + i) for i, u in enumerate(crowd)])
         plain_rate = sum(plain) / (time.perf_counter() - began)
         began = time.perf_counter()
         total = 0
         for i in range(streams):
-            total += await one_plain(client, seed + 200 + i)
+            total += await crowd[0].plain(seed + 200 + i)
         sequential_rate = total / (time.perf_counter() - began)
     rates = sorted(m["rate"] for m in many)
     ttfcs = sorted(m["ttfc"] for m in many)
@@ -96,32 +147,30 @@ async def measure(base: str, streams: int, seed: int) -> dict[str, object]:
             "ttfc_p50_ms": statistics.median(ttfcs) * 1e3, "ttfc_p99_ms": ttfcs[-1] * 1e3}
 
 
-async def sustained(base: str, streams: int, seconds: float, seed: int, streaming: bool) -> float:
+async def sustained(kind: str, base: str, streams: int, seconds: float, seed: int, streaming: bool) -> float:
     """Aggregate characters/s with ``streams`` requests always in flight for ``seconds``: each of
     ``streams`` clients asks for the next poem as soon as its last one ends (a closed loop, as a load
     generator holds a concurrency). A single burst of ``streams`` requests also times their arrival
     and their staggered ends, when the batch is part full; held open, the batch stays near full."""
-    limits = httpx.Limits(max_connections=streams + 4)
-    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+    async with users(kind, base, streams) as crowd:
         began = time.perf_counter()
         end = began + seconds
 
-        async def client_loop(index: int) -> int:
+        async def client_loop(index: int, user) -> int:
             chars, n = 0, 0
             while time.perf_counter() < end:
                 poem_seed = seed + index * 10_000 + n
-                chars += (await one_stream(client, poem_seed))["chars"] if streaming else await one_plain(
-                    client, poem_seed)
+                chars += (await user.stream(poem_seed))["chars"] if streaming else await user.plain(poem_seed)
                 n += 1
             return chars
 
-        total = sum(await asyncio.gather(*[client_loop(i) for i in range(streams)]))
+        total = sum(await asyncio.gather(*[client_loop(i, u) for i, u in enumerate(crowd)]))
         return total / (time.perf_counter() - began)
 
 
-async def measure_sustained(base: str, streams: int, seconds: float, seed: int) -> dict[str, float]:
-    return {"sustained_sse": await sustained(base, streams, seconds, seed, True),
-            "sustained_plain": await sustained(base, streams, seconds, seed + 500_000, False)}
+async def measure_sustained(kind: str, base: str, streams: int, seconds: float, seed: int) -> dict[str, float]:
+    return {"sustained_sse": await sustained(kind, base, streams, seconds, seed, True),
+            "sustained_plain": await sustained(kind, base, streams, seconds, seed + 500_000, False)}
 
 
 def main() -> None:
@@ -132,30 +181,36 @@ def main() -> None:
     parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="settings for our service")
     parser.add_argument("--sustain", type=float, default=10.0,
                         help="seconds to hold --streams requests in flight (SSE, then plain), per round")
+    parser.add_argument("--client", choices=("lean", "httpx"), default="lean",
+                        help="the load generator's HTTP client: lean (asyncio streams, loadtests/lean_http.py) "
+                             "or httpx (what this benchmark used before; it takes 0.25 of a core for 16 streams)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     bench = StepBench(args.model)
-    bench.ceiling(args.streams)  # warm-up
+    bench.ceiling(args.streams, 1.0)  # warm-up
     log = Path(tempfile.mkdtemp(prefix="dlbook-poem-http-")) / "server.log"
     env = {"DLBOOK_POEM_MODELS": args.model, **dict(kv.split("=", 1) for kv in args.env)}
     rounds: list[dict] = []
     with bentoml_service("PoemService", log, env) as base:
-        asyncio.run(measure(base, 2, 10_000))  # warm-up
+        asyncio.run(measure(args.client, base, 2, 10_000))  # warm-up
         for r in range(args.rounds):
             if r % 2 == 0:
-                ceiling = bench.ceiling(args.streams)
-                served = asyncio.run(measure(base, args.streams, 1000 * (r + 1)))
-                served |= asyncio.run(measure_sustained(base, args.streams, args.sustain, 1000 * (r + 1)))
+                ceiling = bench.ceiling(args.streams, args.sustain)
+                served = asyncio.run(measure(args.client, base, args.streams, 1000 * (r + 1)))
+                served |= asyncio.run(measure_sustained(args.client, base, args.streams, args.sustain,
+                                                         1000 * (r + 1)))
             else:
-                served = asyncio.run(measure_sustained(base, args.streams, args.sustain, 1000 * (r + 1)))
-                served |= asyncio.run(measure(base, args.streams, 1000 * (r + 1)))
-                ceiling = bench.ceiling(args.streams)
+                served = asyncio.run(measure_sustained(args.client, base, args.streams, args.sustain,
+                                                        1000 * (r + 1)))
+                served |= asyncio.run(measure(args.client, base, args.streams, 1000 * (r + 1)))
+                ceiling = bench.ceiling(args.streams, args.sustain)
             rounds.append({"ceiling": ceiling, **served})
             print(json.dumps({k: round(v, 1) for k, v in rounds[-1].items()}), flush=True)
 
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-    print(f"\nmodel {args.model}, {args.streams} streams, {args.rounds} rounds (medians); characters include marks")
+    print(f"\nmodel {args.model}, {args.streams} streams, {args.rounds} rounds (medians), {args.client} client; "
+          "characters include marks")
     print("| measurement | characters/s |\n|---|---|")
     print(f"| ceiling: step graph + our sampling at batch {args.streams}, in process | {med['ceiling']:,.0f} |")
     print(f"| 1 stream alone over HTTP (SSE) | {med['one_stream_rate']:,.0f} "
