@@ -77,8 +77,10 @@ class PoemGenerator:
         seed = request.seed if request.seed is not None else secrets.randbits(31)
         return [PoemSampler(plan, self.vocab, params, seed + i) for i in range(request.n)]
 
-    def stream(self, sampler: PoemSampler, deadline: float | None = None) -> AsyncIterator[str]:
-        return self.engine.stream(sampler, deadline)
+    def stream(self, sampler: PoemSampler, deadline: float | None = None, every_s: float = 0.0
+               ) -> AsyncIterator[list[str]]:
+        """The poem's characters in lists as they are written, at most one list every ``every_s``."""
+        return self.engine.chunks(sampler, deadline, every_s)
 
     async def generate(self, sampler: PoemSampler, deadline: float | None = None) -> dict[str, Any]:
         text = await self.engine.generate(sampler, deadline)
