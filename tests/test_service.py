@@ -206,6 +206,29 @@ def test_same_seed_same_poem_and_stream_matches(server: str) -> None:
     assert "".join(chars) == first and done["poems"][0]["poem"] == first
 
 
+def test_the_benchmarks_lean_client_reads_the_same_poems_and_refusals(server: str) -> None:
+    """``loadtests/lean_http.py`` (the poem benchmark's client) against the real server: the poem it
+    reads streamed and plain is the one httpx gets, and a refusal surfaces as an error, not a poem."""
+    from loadtests.lean_http import HttpError, LeanConnection
+
+    body = {"chars_per_clause": 5, "lines": 8, "seed": 77}
+    expected = httpx.post(f"{server}/generate_poem", json=body, timeout=60).json()["poems"][0]["poem"]
+
+    async def run() -> tuple[str, int, str]:
+        connection = LeanConnection(server)
+        try:
+            streamed = await connection.stream_poem("/generate_poem_stream", body)
+            plain = await connection.post_json("/generate_poem", body)  # same keep-alive connection
+            with pytest.raises(HttpError, match="HTTP 4"):
+                await connection.post_json("/generate_poem", body | {"lines": 5})
+            return streamed.poem, streamed.tokens, plain["poems"][0]["poem"]
+        finally:
+            await connection.close()
+
+    streamed, tokens, plain = asyncio.run(run())
+    assert streamed == plain == expected and tokens == len(expected) == 48
+
+
 def test_metrics_report_our_models(server: str) -> None:
     _classify_pixels(server, load_image_split("mnist", "test").images[:2], model="digits-mlp")
     text = httpx.get(f"{server}/metrics", timeout=10).text
