@@ -20,7 +20,8 @@ model generates them. The server is PoemService with its defaults, on 127.0.0.1.
 The load generator shares this machine's cores with the server, so it has to be light: by default
 each simulated user is a keep-alive connection of :mod:`loadtests.lean_http` (0.06 of a core for 16 SSE
 streams, where httpx took 0.25 and slowed the server's decoding step by a third). ``--client httpx``
-measures with httpx, for comparison with earlier figures. Either way every stream is checked: its
+measures with httpx, for comparison with earlier figures; ``--compare-httpx`` adds, per round, the
+held-in-flight measurement with httpx as well (an A/B of the two clients on the same server). Either way every stream is checked: its
 characters must spell the poem of its ``done`` event (lean) or number 64 (httpx).
 """
 
@@ -168,9 +169,15 @@ async def sustained(kind: str, base: str, streams: int, seconds: float, seed: in
         return total / (time.perf_counter() - began)
 
 
-async def measure_sustained(kind: str, base: str, streams: int, seconds: float, seed: int) -> dict[str, float]:
-    return {"sustained_sse": await sustained(kind, base, streams, seconds, seed, True),
-            "sustained_plain": await sustained(kind, base, streams, seconds, seed + 500_000, False)}
+async def measure_sustained(kind: str, base: str, streams: int, seconds: float, seed: int, also_httpx: bool = False
+                            ) -> dict[str, float]:
+    """Held in flight, SSE then plain; with ``also_httpx``, the same again with httpx as the client."""
+    result = {"sustained_sse": await sustained(kind, base, streams, seconds, seed, True),
+              "sustained_plain": await sustained(kind, base, streams, seconds, seed + 500_000, False)}
+    if also_httpx:
+        result |= {"sustained_sse_httpx": await sustained("httpx", base, streams, seconds, seed + 700_000, True),
+                   "sustained_plain_httpx": await sustained("httpx", base, streams, seconds, seed + 900_000, False)}
+    return result
 
 
 def main() -> None:
@@ -184,6 +191,8 @@ def main() -> None:
     parser.add_argument("--client", choices=("lean", "httpx"), default="lean",
                         help="the load generator's HTTP client: lean (asyncio streams, loadtests/lean_http.py) "
                              "or httpx (what this benchmark used before; it takes 0.25 of a core for 16 streams)")
+    parser.add_argument("--compare-httpx", action="store_true",
+                        help="each round also holds the requests in flight with httpx as the client (A/B, same server)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -199,10 +208,10 @@ def main() -> None:
                 ceiling = bench.ceiling(args.streams, args.sustain)
                 served = asyncio.run(measure(args.client, base, args.streams, 1000 * (r + 1)))
                 served |= asyncio.run(measure_sustained(args.client, base, args.streams, args.sustain,
-                                                         1000 * (r + 1)))
+                                                         1000 * (r + 1), args.compare_httpx))
             else:
                 served = asyncio.run(measure_sustained(args.client, base, args.streams, args.sustain,
-                                                        1000 * (r + 1)))
+                                                        1000 * (r + 1), args.compare_httpx))
                 served |= asyncio.run(measure(args.client, base, args.streams, 1000 * (r + 1)))
                 ceiling = bench.ceiling(args.streams, args.sustain)
             rounds.append({"ceiling": ceiling, **served})
@@ -223,7 +232,10 @@ def main() -> None:
     print(f"| {args.streams} concurrent plain requests, aggregate | {med['plain_aggregate']:,.0f} "
           f"(**{med['plain_aggregate'] / med['ceiling']:.2f}×** ceiling) |")
     print(f"| the same {args.streams} plain requests one after another | {med['sequential']:,.0f} |")
-    for key, what in (("sustained_sse", "SSE"), ("sustained_plain", "plain")):
+    rows = [("sustained_sse", "SSE"), ("sustained_plain", "plain")]
+    if args.compare_httpx:
+        rows += [("sustained_sse_httpx", "SSE (httpx client)"), ("sustained_plain_httpx", "plain (httpx client)")]
+    for key, what in rows:
         print(f"| {args.streams} {what} requests kept in flight for {args.sustain:.0f} s, aggregate | "
               f"{med[key]:,.0f} (**{med[key] / med['ceiling']:.2f}×** ceiling, "
               f"**{med[key] / med['sequential']:.2f}×** sequential) |")
