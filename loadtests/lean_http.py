@@ -7,8 +7,8 @@ This client reads each chunk with two stream calls and parses a poem's events on
 ended, so the figure is more the server's and less the client's. It still checks every answer: the
 streamed characters must spell the poem of the ``done`` event.
 
-Only what the benchmarks send and receive: POST with a JSON body, answers with ``Content-Length`` or
-``Transfer-Encoding: chunked``, one request at a time per connection.
+Only what the benchmarks need: POST with a JSON body, one request at a time per connection; answers
+with ``Content-Length``, ``Transfer-Encoding: chunked`` or a body that ends with the connection.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -36,7 +37,9 @@ class StreamedPoem:
 
 
 class LeanConnection:
-    """One keep-alive connection to ``base`` (``http://host:port``); opened on first use."""
+    """One keep-alive connection to ``base`` (``http://host:port``); opened on first use, and opened
+    afresh after the server closed it or after any request that failed midway (whose unread bytes
+    would otherwise be taken for the next answer)."""
 
     def __init__(self, base: str) -> None:
         parts = urlsplit(base)
@@ -44,14 +47,37 @@ class LeanConnection:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
+    async def _exchange(self, path: str, payload: dict, on_chunk: Callable[[bytes], None]) -> int:
+        """Send one POST and hand each piece of the answer's body to ``on_chunk``; the status."""
+        try:
+            reader = await self._send(path, payload)
+            status, headers = await self._head(reader)
+            keep = headers.get("connection", "").lower() != "close"
+            if status in (204, 304) or 100 <= status < 200:
+                pass
+            elif headers.get("transfer-encoding", "").lower() == "chunked":
+                await self._read_chunked(reader, on_chunk)
+            elif "content-length" in headers:
+                on_chunk(await reader.readexactly(int(headers["content-length"])))
+            else:  # the body ends when the server closes the connection
+                on_chunk(await reader.read())
+                keep = False
+        except BaseException:
+            await self.close()
+            raise
+        if not keep:
+            await self.close()
+        return status
+
     async def _send(self, path: str, payload: dict) -> asyncio.StreamReader:
-        if self._writer is None or self._writer.is_closing():
+        if self._writer is None or self._reader is None or self._reader.at_eof():
+            await self.close()
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
         body = json.dumps(payload).encode()
         head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
         self._writer.write(head + body)
-        assert self._reader is not None
+        await self._writer.drain()
         return self._reader
 
     @staticmethod
@@ -67,23 +93,27 @@ class LeanConnection:
         return status, headers
 
     @staticmethod
-    async def _chunks(reader: asyncio.StreamReader, headers: dict[str, str]):
-        """The body as it arrives: each HTTP chunk, or the whole body when it has a length."""
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            while True:
-                size = int((await reader.readline()).split(b";", 1)[0], 16)
-                data = await reader.readexactly(size + 2)  # the chunk and its CRLF
-                if size == 0:
-                    return
-                yield data[:-2]
-        else:
-            yield await reader.readexactly(int(headers.get("content-length", "0")))
+    async def _read_chunked(reader: asyncio.StreamReader, on_chunk: Callable[[bytes], None]) -> None:
+        """Chunked transfer coding: each chunk as it arrives; extensions and trailers are skipped."""
+        while True:
+            line = await reader.readline()
+            if not line.endswith(b"\r\n"):
+                raise HttpError(f"connection ended inside a chunked body (read {line!r})")
+            size = int(line.split(b";", 1)[0], 16)
+            if size == 0:
+                while (await reader.readline()) not in (b"\r\n", b""):  # trailers, then the blank line
+                    pass
+                return
+            data = await reader.readexactly(size + 2)
+            if data[-2:] != b"\r\n":
+                raise HttpError("a chunk did not end with CRLF")
+            on_chunk(data[:-2])
 
     async def post_json(self, path: str, payload: dict) -> dict:
         """POST ``payload``; the decoded JSON answer (``HttpError`` unless 2xx)."""
-        reader = await self._send(path, payload)
-        status, headers = await self._head(reader)
-        body = b"".join([chunk async for chunk in self._chunks(reader, headers)])
+        parts: list[bytes] = []
+        status = await self._exchange(path, payload, parts.append)
+        body = b"".join(parts)
         if not 200 <= status < 300:
             raise HttpError(f"{path}: HTTP {status}: {body[:300]!r}")
         return json.loads(body)
@@ -91,14 +121,16 @@ class LeanConnection:
     async def stream_poem(self, path: str, payload: dict) -> StreamedPoem:
         """POST to a poem stream and read it to its end; the streamed characters must spell the poem."""
         began = time.perf_counter()
-        reader = await self._send(path, payload)
-        status, headers = await self._head(reader)
         parts: list[bytes] = []
-        first = None
-        async for chunk in self._chunks(reader, headers):
+        first: float | None = None
+
+        def take(chunk: bytes) -> None:
+            nonlocal first
             if first is None and b"event: token" in chunk:
                 first = time.perf_counter() - began
             parts.append(chunk)
+
+        status = await self._exchange(path, payload, take)
         seconds = time.perf_counter() - began
         text = b"".join(parts).decode()
         if not 200 <= status < 300:
@@ -106,10 +138,11 @@ class LeanConnection:
         return _read_events(text, seconds, first)
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        writer, self._reader, self._writer = self._writer, None, None
+        if writer is not None:
+            writer.close()
             with contextlib.suppress(ConnectionError):
-                await self._writer.wait_closed()
+                await writer.wait_closed()
 
 
 def _read_events(text: str, seconds: float, first: float | None) -> StreamedPoem:

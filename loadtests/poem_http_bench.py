@@ -21,8 +21,9 @@ The load generator shares this machine's cores with the server, so it has to be 
 each simulated user is a keep-alive connection of :mod:`loadtests.lean_http` (0.06 of a core for 16 SSE
 streams, where httpx took 0.25 and slowed the server's decoding step by a third). ``--client httpx``
 measures with httpx, for comparison with earlier figures; ``--compare-httpx`` adds, per round, the
-held-in-flight measurement with httpx as well (an A/B of the two clients on the same server). Either way every stream is checked: its
-characters must spell the poem of its ``done`` event (lean) or number 64 (httpx).
+held-in-flight measurement with httpx as well (an A/B of the two clients on the same server). Either
+way every stream is checked: its characters must spell the poem of its ``done`` event (lean) or
+number 64 (httpx).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loadtests.lean_http import LeanConnection  # noqa: E402
 from loadtests.poem_throughput import FORM, StepBench  # noqa: E402
 from loadtests.servers import bentoml_service  # noqa: E402
+
+REQUEST_TIMEOUT_S = 120.0
 
 
 def body(seed: int) -> dict:
@@ -99,13 +102,15 @@ class LeanUser:
         self.connection = LeanConnection(base)
 
     async def stream(self, seed: int) -> dict:
-        answer = await self.connection.stream_poem("/generate_poem_stream", body(seed))
+        async with asyncio.timeout(REQUEST_TIMEOUT_S):  # a stalled server fails the run, as httpx's timeout did
+            answer = await self.connection.stream_poem("/generate_poem_stream", body(seed))
         _check_poem(answer.poem, answer.tokens)
         return {"chars": answer.tokens, "seconds": answer.seconds, "ttfc": answer.first_token_s,
                 "rate": answer.tokens / answer.seconds}
 
     async def plain(self, seed: int) -> int:
-        poem = (await self.connection.post_json("/generate_poem", body(seed)))["poems"][0]["poem"]
+        async with asyncio.timeout(REQUEST_TIMEOUT_S):
+            poem = (await self.connection.post_json("/generate_poem", body(seed)))["poems"][0]["poem"]
         _check_poem(poem, len(poem))
         return len(poem)
 
@@ -115,7 +120,7 @@ async def users(kind: str, base: str, count: int) -> AsyncIterator[list]:
     """``count`` simulated users of the ``kind`` of client (``lean`` or ``httpx``)."""
     if kind == "httpx":
         limits = httpx.Limits(max_connections=count + 4)
-        async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
             yield [HttpxUser(client) for _ in range(count)]
         return
     lean = [LeanUser(base) for _ in range(count)]

@@ -58,6 +58,8 @@ class _Mailbox:
         if item is None:
             self.finished = True
         elif isinstance(item, BaseException):
+            if self.finished:  # a deadline that fires in the same turn as the end: the poem is whole
+                return
             self.failure = self.failure or item
         else:
             self.chars.append(item)  # type: ignore[arg-type]
@@ -72,7 +74,8 @@ class _Mailbox:
     async def take(self, not_before: float) -> list[str] | None:
         """Every character written since the last take; ``None`` once the poem is whole and all was
         taken. Waits for a character, and holds what it has until ``not_before`` (loop time) unless
-        the poem ends first. A failure is raised once the characters written before it were taken."""
+        the poem ends first. After a failure, every character written so far is handed over, then
+        the failure is raised."""
         while True:
             ended = self.finished or self.failure is not None
             if self.chars and (ended or self.loop.time() >= not_before):

@@ -11,6 +11,7 @@ says what to fix.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import json
@@ -338,15 +339,19 @@ class PoemAPIs(_Base):
         tasks: list[asyncio.Task] = []
         try:
             if len(samplers) == 1:
-                async for chars in generator.stream(samplers[0], deadline, flush_s):
-                    yield "".join([_token_event(0, ch) for ch in chars])
+                # aclosing: when this stream is closed (the client went away), the poem leaves the
+                # decoding batch at once, not when the engine's generator is collected
+                async with contextlib.aclosing(generator.stream(samplers[0], deadline, flush_s)) as written:
+                    async for chars in written:
+                        yield "".join([_token_event(0, ch) for ch in chars])
             else:
                 queue: asyncio.Queue = asyncio.Queue()
 
                 async def pump(index: int, sampler) -> None:
                     try:
-                        async for chars in generator.stream(sampler, deadline, flush_s):
-                            queue.put_nowait((index, chars))
+                        async with contextlib.aclosing(generator.stream(sampler, deadline, flush_s)) as written:
+                            async for chars in written:
+                                queue.put_nowait((index, chars))
                     except Exception as err:  # noqa: BLE001 - handed to the writer, which reports it
                         queue.put_nowait((index, err))
                     finally:
