@@ -1,44 +1,48 @@
-"""Continuous batching for poem generation: every live poem advances one token per model step.
+"""Continuous batching for poem generation, the server's side: poems go to a decoding process,
+their characters come back to each poem's event loop.
 
-Requests hand ``PoemSampler``s to a decoding thread; it gathers every live sequence into one
-``(token[B], hidden[L,B,H])`` call of the exported step graph, hands each row of logits to its
-sampler (all rows together, see ``advance_all``) and posts the chosen characters back to each
-poem's event loop. Sequences join and leave between steps, so sixteen concurrent requests cost
-about one batch-16 step per token instead of sixteen batch-1 steps.
-
-Why a thread of its own rather than ``asyncio.to_thread`` per step: a step's input is the previous
-step's output, so the steps of a batch are strictly serial, and with a hop back to the event loop
-between steps every step also waited for the loop to get round to it (behind the HTTP work of
-sixteen streams): the decoding thread sat idle a seventh of the time. Now it starts the next step
-at once, and the loop hands the characters out while that step runs. ONNX Runtime and numpy
-release the GIL, so both proceed on a 2-core machine.
+The decoding loop itself (every live poem advances one token per model step, poems join and leave
+between steps) is :mod:`serving.poem_decoder`, in a process of its own so that its Python and the
+event loop's never wait for each other's GIL (the measurement is in that module). Here:
+:class:`PoemEngine` starts that process, sends it each poem (plan, sampling parameters, seed) and
+each cancellation, and a reader thread takes each step's token ids, advances the poem's own
+:class:`PoemSampler` with them (so ``sampler.text`` and ``sampler.done`` hold in the server too) and
+posts the characters to each poem's event loop in one ``call_soon_threadsafe`` per loop per step.
+If the decoding process dies, the poems in flight fail with "generation failed" and the next poem
+starts a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
-import queue
+import os
+import pickle
+import subprocess
+import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
-import numpy as np
-
-from serving.poem_sampling import PoemSampler, advance_all
-from serving.runtime import OnnxModel
+from preprocessing import Vocabulary
+from serving.poem_sampling import PoemSampler
 
 StepObserver = Callable[[int, float], None]  # (batch size, seconds) after every step
 
 logger = logging.getLogger(__name__)
 
+_REPO = Path(__file__).resolve().parents[1]  # where ``python -m serving.poem_decoder`` finds its packages
+START_TIMEOUT_S = 120.0
+
 
 class _Mailbox:
-    """What the decoding thread has written for one poem and its reader has not taken yet.
+    """What the decoding process has written for one poem and its reader has not taken yet.
 
-    Lives on the poem's event loop (the decoding thread reaches it through ``call_soon_threadsafe``).
+    Lives on the poem's event loop (the reader thread reaches it through ``call_soon_threadsafe``).
     Why not an ``asyncio.Queue`` of characters: each character would wake the reading task, and a
     stream that writes every 20 ms anyway paid for ~15 wake-ups per write. Here a reader that has
     something to send but is not due yet sleeps until it is, however many characters arrive, while
@@ -103,9 +107,8 @@ class _Mailbox:
 class _Live:
     sampler: PoemSampler
     mailbox: _Mailbox
-    hidden: np.ndarray  # [L, H]
-    whole: bool = False  # the reader wants only the finished poem: no character is posted before it
-    cancelled: bool = False
+    whole: bool  # the reader wants only the finished poem: no character is posted before it
+    decoder: _DecoderProcess
 
 
 def _deliver(items: list[tuple[_Mailbox, object]]) -> None:
@@ -114,46 +117,168 @@ def _deliver(items: list[tuple[_Mailbox, object]]) -> None:
         mailbox.put(item)
 
 
-@dataclass
-class PoemEngine:
-    model: OnnxModel
-    num_layers: int
-    hidden_size: int
-    max_batch: int = 64
-    observe_step: StepObserver | None = None
-    _inbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    _thread: threading.Thread | None = None
-    _starting: threading.Lock = field(default_factory=threading.Lock)
+class _DecoderProcess:
+    """One ``serving.poem_decoder`` process, the pipe to it, and the thread reading its frames."""
 
-    def _ensure_thread(self) -> None:
-        with self._starting:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._decode_forever, name="poem-decoder", daemon=True)
-                self._thread.start()
+    def __init__(self, setup: dict, on_frame: Callable[[tuple], None],
+                 on_exit: Callable[[_DecoderProcess], None]) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen([sys.executable, "-m", "serving.poem_decoder"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env, cwd=_REPO)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._to_child: BinaryIO = self.proc.stdin
+        self._writing = threading.Lock()
+        self.ready = threading.Event()
+        self.provider = ""
+        self._on_frame, self._on_exit = on_frame, on_exit
+        self.send(setup)
+        threading.Thread(target=self._read_forever, args=(self.proc.stdout,), name="poem-decoder-reader",
+                         daemon=True).start()
+
+    def send(self, message: object) -> bool:
+        """Write one frame to the decoding process; False when it is gone."""
+        try:
+            with self._writing:
+                pickle.dump(message, self._to_child, protocol=pickle.HIGHEST_PROTOCOL)
+                self._to_child.flush()
+            return True
+        except (BrokenPipeError, OSError, ValueError):
+            return False
+
+    def _read_forever(self, frames: BinaryIO) -> None:
+        try:
+            while True:
+                frame = pickle.load(frames)
+                if frame[0] == "ready":
+                    self.provider = frame[1]
+                    self.ready.set()
+                else:
+                    self._on_frame(frame)
+        except (EOFError, OSError, pickle.UnpicklingError):
+            pass
+        except Exception:  # a bug here must not leave poems waiting for ever
+            logger.exception("reading the poem decoder's frames failed")
+        self.ready.set()
+        with contextlib.suppress(OSError):
+            self._to_child.close()
+        self.proc.wait()
+        logger.warning("the poem decoding process exited with %s", self.proc.returncode)
+        self._on_exit(self)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._to_child.close()  # end of input ends the decoding loop
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class PoemEngine:
+    """Poems through the decoding process: ``chunks`` for streams, ``generate`` for whole poems."""
+
+    def __init__(self, graph: Path, vocab: Vocabulary, num_layers: int, hidden_size: int, max_batch: int = 64,
+                 observe_step: StepObserver | None = None) -> None:
+        self._setup = {"graph": str(graph), "tokens": list(vocab.tokens), "num_layers": num_layers,
+                       "hidden_size": hidden_size, "max_batch": max_batch}
+        self.observe_step = observe_step
+        self._ids = itertools.count()
+        self._live: dict[int, _Live] = {}
+        self._lock = threading.Lock()  # _live and _decoder: the event loops and the reader thread share them
+        self._decoder: _DecoderProcess | None = None
+
+    def _running_decoder(self) -> _DecoderProcess:
+        """The decoding process, started if none is running. Not waited for: frames sent before it
+        has loaded its model wait in the pipe."""
+        with self._lock:
+            if self._decoder is None or not self._decoder.alive:
+                self._decoder = _DecoderProcess(self._setup, self._on_frame, self._on_exit)
+            return self._decoder
+
+    def start(self) -> str:
+        """Start the decoding process and wait until its model is loaded (the service does this at
+        start-up, so no request waits for it); the provider it runs on."""
+        decoder = self._running_decoder()
+        if not decoder.ready.wait(START_TIMEOUT_S) or not decoder.provider:
+            raise RuntimeError("the poem decoding process did not start (its error is in the log above)")
+        return decoder.provider
+
+    def stop(self) -> None:
+        with self._lock:
+            decoder, self._decoder = self._decoder, None
+        if decoder is not None:
+            decoder.stop()
+
+    def _on_frame(self, frame: tuple) -> None:
+        """On the reader thread: advance each poem's sampler and post what its reader is owed."""
+        out: list[tuple[_Live, object]] = []
+        if frame[0] == "step":
+            _, rows, seconds, tokens = frame
+            if self.observe_step:
+                self.observe_step(rows, seconds)
+            with self._lock:
+                for poem_id, token in tokens:
+                    live = self._live.get(poem_id)
+                    if live is None:  # cancelled while the step ran
+                        continue
+                    char = live.sampler.accept(token)
+                    if not live.whole:
+                        out.append((live, char))
+                    if live.sampler.done:
+                        out.append((live, None))
+                        del self._live[poem_id]
+        elif frame[0] == "failed":
+            _, ids, error = frame
+            with self._lock:
+                out = [(live, RuntimeError(f"generation failed: {error}"))
+                       for live in (self._live.pop(i, None) for i in ids) if live is not None]
+        self._post(out)
+
+    def _on_exit(self, decoder: _DecoderProcess) -> None:
+        """A decoding process is gone: the poems it held fail; the next poem starts a new one."""
+        with self._lock:
+            failed = [i for i, live in self._live.items() if live.decoder is decoder]
+            lost = [self._live.pop(i) for i in failed]
+        self._post([(live, RuntimeError("generation failed: the decoding process stopped")) for live in lost])
 
     @contextlib.contextmanager
     def _enrolled(self, sampler: PoemSampler, deadline: float | None, whole: bool) -> Iterator[_Mailbox]:
-        """Hand ``sampler`` to the decoding thread; its mailbox while the caller reads. Leaving (the
-        poem read, the client gone or out of time) stops the poem costing steps.
+        """Hand ``sampler`` to the decoding process; its mailbox while the caller reads. Leaving (the
+        poem read, the client gone or out of time) takes the poem out of the batch.
 
         ``deadline`` (event-loop time) ends the poem with ``TimeoutError``: one timer per poem, where
         ``asyncio.wait_for`` around each read would create a task per read.
         """
-        self._ensure_thread()
+        if sampler.tokens:
+            raise ValueError("a sampler goes to the engine before its first token")
         loop = asyncio.get_running_loop()
-        live = _Live(sampler, _Mailbox(loop), np.zeros((self.num_layers, self.hidden_size), np.float32), whole)
+        decoder = self._running_decoder()
+        live = _Live(sampler, _Mailbox(loop), whole, decoder)
+        poem_id = next(self._ids)
+        with self._lock:
+            self._live[poem_id] = live
         timer = None if deadline is None else loop.call_at(deadline, live.mailbox.put, TimeoutError())
-        self._inbox.put(live)
+        p = sampler.params
+        if not decoder.send(("add", poem_id, sampler.plan, (p.temperature, p.top_k, p.top_p, p.repetition_penalty),
+                             sampler.seed)):
+            live.mailbox.put(RuntimeError("generation failed: the decoding process stopped"))
         try:
             yield live.mailbox
         finally:
-            live.cancelled = True
             if timer is not None:
                 timer.cancel()
+            with self._lock:
+                still_live = self._live.pop(poem_id, None) is not None
+            if still_live:
+                decoder.send(("cancel", poem_id))
 
     async def chunks(self, sampler: PoemSampler, deadline: float | None = None, every_s: float = 0.0
                      ) -> AsyncIterator[list[str]]:
-        """The characters of one poem as the decoding thread writes them, in lists: each holds all
+        """The characters of one poem as the decoding process writes them, in lists: each holds all
         written since the one before, at most one list every ``every_s`` seconds (the first at once,
         the last as soon as the poem ends). A stream that writes each list out thus costs one wake-up
         per write, not one per character."""
@@ -165,69 +290,18 @@ class PoemEngine:
                 not_before = loop.time() + every_s
 
     async def generate(self, sampler: PoemSampler, deadline: float | None = None) -> str:
-        """The whole poem; the decoding thread posts nothing for it until it is finished."""
+        """The whole poem; nothing is posted for it until it is finished."""
         with self._enrolled(sampler, deadline, whole=True) as mailbox:
             while await mailbox.take(-float("inf")) is not None:  # no characters come: only the end
                 pass
         return sampler.text
 
-    def _step(self, samplers: list[PoemSampler], tokens: np.ndarray, hidden: np.ndarray
-              ) -> tuple[list[str], np.ndarray]:
-        logits, next_hidden = self.model.run({"token": tokens, "hidden": hidden})
-        return advance_all(samplers, logits), next_hidden
-
-    def _admit(self, live: list[_Live]) -> list[_Live]:
-        """Live poems plus those waiting (blocking only when nothing is live), less the cancelled."""
-        if not live:
-            live = [self._inbox.get()]
-        while len(live) < self.max_batch:
-            try:
-                live.append(self._inbox.get_nowait())
-            except queue.Empty:
-                break
-        return [s for s in live if not s.cancelled]
-
-    def _decode_forever(self) -> None:
-        live: list[_Live] = []
-        while True:
-            live = self._admit(live)
-            if not live:
-                continue
-            tokens = np.array([s.sampler.next_input for s in live], dtype=np.int64)
-            hidden = np.ascontiguousarray(np.stack([s.hidden for s in live], axis=1))
-            began = time.perf_counter()
-            try:
-                chars, next_hidden = self._step([s.sampler for s in live], tokens, hidden)
-            except Exception as err:  # noqa: BLE001 - fail the poems in flight, keep serving
-                logger.exception("poem decoding step failed")
-                self._post([(s, RuntimeError(f"generation failed: {type(err).__name__}")) for s in live])
-                live = []
-                continue
-            if self.observe_step:
-                self.observe_step(len(live), time.perf_counter() - began)
-            out: list[tuple[_Live, object]] = []
-            still = []
-            for i, (s, ch) in enumerate(zip(live, chars, strict=True)):
-                s.hidden = next_hidden[:, i]
-                if not s.whole:
-                    out.append((s, ch))
-                if s.sampler.done:
-                    out.append((s, None))
-                else:
-                    still.append(s)
-            self._post(out)
-            live = still
-
     @staticmethod
     def _post(items: list[tuple[_Live, object]]) -> None:
         """Hand characters to their poems' event loops: one thread-safe call per loop per step."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Mailbox, object]]] = {}
-        for s, item in items:
-            by_loop.setdefault(s.mailbox.loop, []).append((s.mailbox, item))
+        for live, item in items:
+            by_loop.setdefault(live.mailbox.loop, []).append((live.mailbox, item))
         for loop, batch in by_loop.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody is listening any more
                 loop.call_soon_threadsafe(_deliver, batch)
-            except RuntimeError:  # that loop has closed: nobody is listening any more
-                for s, _ in items:
-                    if s.mailbox.loop is loop:
-                        s.cancelled = True

@@ -8,8 +8,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from preprocessing import Vocabulary
 from serving.model_store import ExportedModel
 from serving.poem_engine import PoemEngine, StepObserver
@@ -58,9 +56,9 @@ class PoemGenerator:
         config = model.meta["config"]
         if config["cell"] == "lstm":
             raise PoemRequestError("LSTM poem models are not served yet; export a GRU or RNN model")
-        self.engine = PoemEngine(model.onnx, config["num_layers"], config["hidden_size"], max_batch, observe_step)
-        hidden = np.zeros((config["num_layers"], 1, config["hidden_size"]), np.float32)
-        model.onnx.warm_up({"token": np.array([self.vocab.bos_id], np.int64), "hidden": hidden})
+        self.engine = PoemEngine(model.onnx.path, self.vocab, config["num_layers"], config["hidden_size"], max_batch,
+                                 observe_step)
+        self.engine.start()  # the decoding process loads and warms up its model before the first request
         initialise_jieba()
 
     def samplers(self, request: PoemRequest) -> list[PoemSampler]:

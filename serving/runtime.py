@@ -70,6 +70,7 @@ class OnnxModel:
 
     def __init__(self, path: Path, config: RuntimeConfig | None = None) -> None:
         config = config or RuntimeConfig.from_env()
+        self.path = path
         options = ort.SessionOptions()
         options.intra_op_num_threads = config.intra_op_threads
         options.inter_op_num_threads = config.inter_op_threads

@@ -1,8 +1,10 @@
-"""The continuous-batching engine on a real (briefly trained) exported poem model, without HTTP."""
+"""The continuous-batching engine on a real (briefly trained) exported poem model, without HTTP: the
+server's side in this process, the decoding loop in the process it starts."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import bentoml
@@ -11,16 +13,22 @@ import pytest
 from preprocessing import Vocabulary
 from serving.poem_engine import PoemEngine
 from serving.poem_sampling import PoemForm, PoemSampler, SamplingParams, plan_poem
-from serving.runtime import OnnxModel
 
 
-@pytest.fixture(scope="module")
-def engine_parts(exported: dict[str, dict]) -> tuple[PoemEngine, Vocabulary]:
+def _engine(exported: dict[str, dict]) -> tuple[PoemEngine, Vocabulary]:
     meta = exported["poem_rnn"]
     path = Path(bentoml.models.get(meta["tag"]).path)
     vocab = Vocabulary.from_dict(meta["preprocessing"]["vocab"])
-    engine = PoemEngine(OnnxModel(path / "model.onnx"), meta["config"]["num_layers"], meta["config"]["hidden_size"])
+    engine = PoemEngine(path / "model.onnx", vocab, meta["config"]["num_layers"], meta["config"]["hidden_size"])
+    assert engine.start() in ("CPUExecutionProvider", "CUDAExecutionProvider")
     return engine, vocab
+
+
+@pytest.fixture(scope="module")
+def engine_parts(exported: dict[str, dict]) -> Iterator[tuple[PoemEngine, Vocabulary]]:
+    engine, vocab = _engine(exported)
+    yield engine, vocab
+    engine.stop()
 
 
 def _samplers(vocab: Vocabulary, count: int, seed: int = 0) -> list[PoemSampler]:
@@ -77,46 +85,68 @@ def test_unpaced_chunks_spell_the_same_poem(engine_parts) -> None:
     assert "".join(sum(chunks, [])) == whole
 
 
-class _FailsAt:
-    """The real step graph, except that its ``at``-th run raises (a fault injected, not a stand-in model)."""
+def test_a_failed_step_hands_over_the_characters_before_it_then_fails_the_batch_and_decoding_goes_on(
+        engine_parts) -> None:
+    """A real fault inside a decoding step: a plan that forces a token id the vocabulary does not
+    have at slot 10 makes the step that writes it raise (IndexError). That poem gets the nine
+    characters before it, the other poem of the batch what it had (it may have joined a step
+    later), then both get "generation failed"; the next poem is written whole."""
+    engine, vocab = engine_parts
+    broken, healthy = _samplers(vocab, 2, seed=11)
+    broken.plan = list(broken.plan)
+    broken.plan[9] = len(vocab) + 1000
+    received: dict[int, list[str]] = {0: [], 1: []}
 
-    def __init__(self, model: OnnxModel, at: int = 1) -> None:
-        self.model, self.runs, self.at = model, 0, at
+    async def read(index: int, sampler: PoemSampler) -> BaseException | None:
+        try:
+            async for chars in engine.chunks(sampler, every_s=60.0):
+                received[index].extend(chars)
+        except RuntimeError as err:
+            return err
+        return None
 
-    def run(self, feeds: dict) -> list:
-        self.runs += 1
-        if self.runs == self.at:
-            raise MemoryError("injected")
-        return self.model.run(feeds)
+    async def run() -> tuple[list, str]:
+        errors = await asyncio.gather(read(0, broken), read(1, healthy))
+        return errors, await engine.generate(_samplers(vocab, 1, seed=12)[0])
 
-
-def _failing_engine(exported: dict[str, dict], at: int) -> tuple[PoemEngine, Vocabulary]:
-    meta = exported["poem_rnn"]
-    path = Path(bentoml.models.get(meta["tag"]).path)
-    vocab = Vocabulary.from_dict(meta["preprocessing"]["vocab"])
-    model = _FailsAt(OnnxModel(path / "model.onnx"), at)
-    return PoemEngine(model, meta["config"]["num_layers"], meta["config"]["hidden_size"]), vocab
-
-
-def test_a_failure_midway_hands_over_the_characters_before_it_then_raises(exported: dict[str, dict]) -> None:
-    engine, vocab = _failing_engine(exported, at=11)
-    received: list[str] = []
-
-    async def run() -> None:
-        async for chars in engine.chunks(_samplers(vocab, 1)[0], every_s=60.0):
-            received.extend(chars)
-
-    with pytest.raises(RuntimeError, match="generation failed: MemoryError"):
-        asyncio.run(asyncio.wait_for(run(), timeout=30))
-    assert len(received) == 10  # the ten steps before the failed one
+    errors, after = asyncio.run(asyncio.wait_for(run(), timeout=60))
+    assert all(isinstance(e, RuntimeError) and "generation failed: IndexError" in str(e) for e in errors), errors
+    assert len(received[0]) == 9 and len(received[1]) <= 9
+    assert len(after) == 64
 
 
-def test_a_failed_step_fails_the_poems_in_flight_and_the_engine_keeps_serving(exported: dict[str, dict]) -> None:
-    engine, vocab = _failing_engine(exported, at=1)
+def test_a_decoding_process_that_dies_fails_its_poems_and_the_next_poem_starts_a_new_one(
+        exported: dict[str, dict]) -> None:
+    engine, vocab = _engine(exported)
+    first_pid = engine._decoder.proc.pid
+
+    async def run() -> tuple[BaseException | None, str]:
+        failure = None
+        try:
+            async for _ in engine.chunks(_samplers(vocab, 1, seed=21)[0], every_s=60.0):
+                engine._decoder.proc.kill()  # a real crash of the decoding process, mid-poem
+        except RuntimeError as err:
+            failure = err
+        return failure, await engine.generate(_samplers(vocab, 1, seed=22)[0])
+
+    try:
+        failure, after = asyncio.run(asyncio.wait_for(run(), timeout=120))
+        assert failure is not None and "the decoding process stopped" in str(failure)
+        assert len(after) == 64 and engine._decoder.proc.pid != first_pid
+    finally:
+        engine.stop()
+
+
+def test_a_cancelled_poem_leaves_the_batch(engine_parts) -> None:
+    """A reader that stops early (a client gone) frees its slot: poems after it still complete, and
+    the engine holds no poem once every reader has left."""
+    engine, vocab = engine_parts
 
     async def run() -> str:
-        with pytest.raises(RuntimeError, match="generation failed: MemoryError"):
-            await engine.generate(_samplers(vocab, 1)[0])
-        return await engine.generate(_samplers(vocab, 1)[0])
+        stream = engine.chunks(_samplers(vocab, 1, seed=31)[0], every_s=0.0)
+        await anext(stream)
+        await stream.aclose()
+        return await engine.generate(_samplers(vocab, 1, seed=32)[0])
 
-    assert len(asyncio.run(run())) == 64
+    assert len(asyncio.run(asyncio.wait_for(run(), timeout=60))) == 64
+    assert engine._live == {}
