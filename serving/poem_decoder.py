@@ -126,6 +126,10 @@ def main() -> None:
     frames_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed from here on goes to stderr, not into the frames
     setup = pickle.load(frames_in)
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    # Read commands while the model loads: the server may send poems at once (after a restart, say),
+    # and a pipe nobody reads would block it once full.
+    threading.Thread(target=_read_commands, args=(frames_in, inbox), daemon=True).start()
     model = OnnxModel(Path(setup["graph"]))
     vocab = Vocabulary(list(setup["tokens"]))
     num_layers, hidden_size = setup["num_layers"], setup["hidden_size"]
@@ -137,8 +141,6 @@ def main() -> None:
         frames_out.flush()
 
     send(("ready", model.provider))
-    inbox: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(target=_read_commands, args=(frames_in, inbox), daemon=True).start()
     with contextlib.suppress(OSError):  # the server went away mid-step (a broken pipe)
         StepLoop(model, vocab, num_layers, hidden_size, setup["max_batch"], send).run(inbox)
 

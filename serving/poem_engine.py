@@ -39,6 +39,14 @@ _REPO = Path(__file__).resolve().parents[1]  # where ``python -m serving.poem_de
 START_TIMEOUT_S = 120.0
 
 
+class DecoderStopped(RuntimeError):
+    """The decoding process died while it held the poem: a fault of the moment, worth a retry (the
+    next poem starts a new process), unlike a step that raised."""
+
+    def __init__(self) -> None:
+        super().__init__("generation failed: the decoding process stopped")
+
+
 class _Mailbox:
     """What the decoding process has written for one poem and its reader has not taken yet.
 
@@ -243,7 +251,7 @@ class PoemEngine:
         with self._lock:
             failed = [i for i, live in self._live.items() if live.decoder is decoder]
             lost = [self._live.pop(i) for i in failed]
-        self._post([(live, RuntimeError("generation failed: the decoding process stopped")) for live in lost])
+        self._post([(live, DecoderStopped()) for live in lost])
 
     @contextlib.contextmanager
     def _enrolled(self, sampler: PoemSampler, deadline: float | None, whole: bool) -> Iterator[_Mailbox]:
@@ -265,7 +273,7 @@ class PoemEngine:
         p = sampler.params
         if not decoder.send(("add", poem_id, sampler.plan, (p.temperature, p.top_k, p.top_p, p.repetition_penalty),
                              sampler.seed)):
-            live.mailbox.put(RuntimeError("generation failed: the decoding process stopped"))
+            live.mailbox.put(DecoderStopped())
         try:
             yield live.mailbox
         finally:

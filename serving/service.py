@@ -44,6 +44,7 @@ from serving.image_to_tensor import (
 from serving.metrics import REQUESTS, batch_observer, poem_step_observer
 from serving.model_store import ExportedModel, ModelNotFound, exported_names, load_exported
 from serving.playground import playground_app
+from serving.poem_engine import DecoderStopped
 from serving.poem_generation import PoemGenerator, PoemRequest
 from serving.poem_sampling import PoemRequestError
 
@@ -299,6 +300,9 @@ class PoemAPIs(_Base):
         except TimeoutError:
             return error_response("generation took longer than DLBOOK_GENERATION_TIMEOUT_S; ask for fewer poems "
                                   "or try again when the server is less busy", 503, "generate_poem")
+        except DecoderStopped:
+            return error_response("the poem decoding process stopped while writing this poem; it restarts on its "
+                                  "own: try again", 503, "generate_poem")
         except ApiError as err:
             return error_response(err.message, err.status, "generate_poem")
 

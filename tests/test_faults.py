@@ -14,6 +14,7 @@ the container, instead of idling with a socket that no worker serves.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import threading
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from live_server import LiveServer, serve_process
 
@@ -165,6 +167,37 @@ def test_arbiter_keeps_a_worker_after_repeated_kills(server: LiveServer) -> None
         assert restarted.pid != worker.pid
     assert httpx.get(f"{server.base}/livez", timeout=10).status_code == 200
 
+
+
+def _poem_decoders(server: LiveServer) -> list:
+    """The worker's poem decoding processes (``python -m serving.poem_decoder``)."""
+    found = []
+    for worker in server.workers():
+        for child in worker.children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "serving.poem_decoder" in " ".join(child.cmdline()):
+                    found.append(child)
+    return found
+
+
+def test_a_killed_poem_decoder_is_replaced_and_the_worker_keeps_serving(server: LiveServer) -> None:
+    """SIGKILL the worker's poem decoding process: the worker stays up (same pid), the next poem is
+    written whole by a new decoding process, and poems keep their seeds' text."""
+    body = {"chars_per_clause": 5, "lines": 4, "seed": 5}
+    before = httpx.post(f"{server.base}/generate_poem", json=body, timeout=REQUEST_TIMEOUT_S)
+    assert before.status_code == 200, before.text
+    workers = {w.pid for w in server.workers()}
+    decoders = _poem_decoders(server)  # one per poem model the worker serves
+    assert decoders
+    for decoder in decoders:
+        decoder.send_signal(signal.SIGKILL)
+        decoder.wait(10)
+    after = httpx.post(f"{server.base}/generate_poem", json=body, timeout=REQUEST_TIMEOUT_S)
+    assert after.status_code == 200, after.text
+    assert after.json()["poems"] == before.json()["poems"]
+    assert {w.pid for w in server.workers()} == workers
+    replaced = {p.pid for p in _poem_decoders(server)}
+    assert replaced and not replaced & {d.pid for d in decoders}
 
 
 def test_in_a_container_a_killed_worker_ends_the_server(exported: dict[str, dict], tmp_path: Path) -> None:
