@@ -113,7 +113,7 @@ class Contenders:
 
     def calls(self, feeds: dict[str, np.ndarray]) -> dict[str, tuple[Call, Callable[[], np.ndarray]]]:
         calls = {"eager": torch_call(self.eager, feeds), "torchscript": torch_call(self.scripted, feeds),
-                 "ort-cpu": ort_call(self.exported.onnx, feeds)}
+                 "ort-cpu": ort_call(self.exported.session, feeds)}
         if self.cuda is not None:
             calls["ort-cuda"] = ort_call(self.cuda, feeds)
         return calls
@@ -144,7 +144,7 @@ def bench_model(name: str, batches: dict[str, list[int]], settings: Settings, ru
     contenders = load_contenders(name, runtime)
     meta = contenders.exported.meta
     poem = meta["task"] == "poem"
-    step = contenders.exported.onnx.run if poem else None
+    step = contenders.exported.session.run if poem else None
     rows = []
     for batch in batches["poem" if poem else "feed_forward"]:
         feeds = model_inputs(meta, batch, step)

@@ -14,8 +14,9 @@ from serving.model_store import ExportedModel
 class HousePricer:
     def __init__(self, model: ExportedModel) -> None:
         self.model = model
+        self.onnx = model.session
         self.spec = FeatureSpec.from_dict(model.meta["preprocessing"]["features"])
-        self.model.onnx.warm_up({"features": np.zeros((1, self.spec.n_features), np.float32)})
+        self.onnx.warm_up({"features": np.zeros((1, self.spec.n_features), np.float32)})
 
     def encode(self, records: Sequence[Any]) -> np.ndarray:
         """Validated features ``[N, F]``; raises ``RecordError`` naming the record and field."""
@@ -23,7 +24,7 @@ class HousePricer:
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Dollars per row (NaN where the inputs were too extreme for a finite price)."""
-        (log_price,) = self.model.onnx.run({"features": np.ascontiguousarray(features, dtype=np.float32)})
+        (log_price,) = self.onnx.run({"features": np.ascontiguousarray(features, dtype=np.float32)})
         with np.errstate(over="ignore", invalid="ignore"):
             prices = np.exp(log_price.astype(np.float64))
         return np.where(np.isfinite(prices), prices, np.nan)

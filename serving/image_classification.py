@@ -22,16 +22,17 @@ class ImageModel:
     def __init__(self, model: ExportedModel) -> None:
         pre = model.meta["preprocessing"]
         self.model = model
+        self.onnx = model.session
         self.dataset: str = model.meta["training"]["dataset"]
         self.scaling = PixelScaling.from_dict(pre["scaling"])
         self.labels: list[str] = pre["labels"]
         self.labels_zh: list[str] = pre["labels_zh"]
-        self.model.onnx.warm_up({"image": np.zeros((1, 1, 28, 28), np.float32)})
+        self.onnx.warm_up({"image": np.zeros((1, 1, 28, 28), np.float32)})
 
     def probabilities(self, frames: np.ndarray) -> np.ndarray:
         """``frames uint8 [N, 28, 28]`` (dataset-like, light on dark) → probabilities ``[N, classes]``."""
         x = self.scaling.apply(frames)[:, None].astype(np.float32)
-        (logits,) = self.model.onnx.run({"image": np.ascontiguousarray(x)})
+        (logits,) = self.onnx.run({"image": np.ascontiguousarray(x)})
         return softmax(logits.astype(np.float64))
 
     def describe(self, probs: np.ndarray, top_k: int) -> dict[str, Any]:

@@ -33,15 +33,23 @@ def exported_names(task: str) -> list[str]:
 
 @dataclass
 class ExportedModel:
+    """A verified model folder; ``onnx`` is this process's session on ``graph``, ``None`` when the
+    graph runs elsewhere (poems: a decoding process of their own), which then reports ``provider``."""
+
     name: str
     tag: str
     path: Path
     meta: dict[str, Any]
-    onnx: OnnxModel
+    graph: Path
+    onnx: OnnxModel | None = None
+    provider: str = ""
 
     @property
-    def provider(self) -> str:
-        return self.onnx.provider
+    def session(self) -> OnnxModel:
+        """This process's session; only ``load_exported`` opens one."""
+        if self.onnx is None:
+            raise RuntimeError(f"{self.name} has no session in this process: load it with load_exported")
+        return self.onnx
 
     def describe(self) -> dict[str, Any]:
         """What the models endpoint shows: no weights, no paths."""
@@ -68,7 +76,11 @@ def onnx_file(meta: dict[str, Any]) -> str:
     return int8 if os.environ.get("DLBOOK_PREFER_INT8") == "1" and int8 in meta["files"] else "model.onnx"
 
 
-def load_exported(name: str, runtime: RuntimeConfig | None = None) -> ExportedModel:
+def locate_exported(name: str) -> ExportedModel:
+    """The pinned version of ``name``, its files checked against meta.json's checksums; no session.
+
+    For a graph this process will not run itself: the poem model's decoding process opens its own,
+    and a second session here would only hold the weights twice."""
     tag = pinned_tag(name)
     try:
         model = bentoml.models.get(tag)
@@ -79,9 +91,15 @@ def load_exported(name: str, runtime: RuntimeConfig | None = None) -> ExportedMo
         raise ModelNotFound(f"model tag {tag!r} is malformed ({err}); use name or name:version") from err
     path = Path(model.path)
     meta = verify_model_dir(path)
-    graph = path / onnx_file(meta)
+    return ExportedModel(name, str(model.tag), path, meta, path / onnx_file(meta))
+
+
+def load_exported(name: str, runtime: RuntimeConfig | None = None) -> ExportedModel:
+    """``locate_exported`` plus an ONNX Runtime session on the graph, ready to run in this process."""
+    model = locate_exported(name)
     try:
-        onnx = OnnxModel(graph, runtime)
+        model.onnx = OnnxModel(model.graph, runtime)
     except Exception as err:  # ORT's errors are not one class
-        raise ArtifactError(f"{graph}: ONNX Runtime cannot load it ({err})") from err
-    return ExportedModel(name, str(model.tag), path, meta, onnx)
+        raise ArtifactError(f"{model.graph}: ONNX Runtime cannot load it ({err})") from err
+    model.provider = model.onnx.provider
+    return model

@@ -16,7 +16,8 @@ The protocol, pickled frames on stdin and stdout (the server is the only peer; s
 stderr, since fd 1 is redirected there once the frames' stream is taken):
 - in: a setup dict (``graph``, ``tokens``, ``num_layers``, ``hidden_size``, ``max_batch``), then
   ``("add", id, plan, sampling parameters, seed)`` and ``("cancel", id)``; end of input ends the loop;
-- out: ``("ready", provider)``, then per step ``("step", rows, seconds, [(id, token), …])``, and
+- out: ``("ready", provider)`` (or ``("unusable", why)`` and exit when the graph cannot be loaded),
+  then per step ``("step", rows, seconds, [(id, token), …])``, and
   ``("failed", [ids], error name)`` when a step raised (those poems end; the loop goes on).
 """
 
@@ -130,16 +131,20 @@ def main() -> None:
     # Read commands while the model loads: the server may send poems at once (after a restart, say),
     # and a pipe nobody reads would block it once full.
     threading.Thread(target=_read_commands, args=(frames_in, inbox), daemon=True).start()
-    model = OnnxModel(Path(setup["graph"]))
-    vocab = Vocabulary(list(setup["tokens"]))
-    num_layers, hidden_size = setup["num_layers"], setup["hidden_size"]
-    model.warm_up({"token": np.array([vocab.bos_id], np.int64),
-                   "hidden": np.zeros((num_layers, 1, hidden_size), np.float32)})
 
     def send(frame: tuple) -> None:
         pickle.dump(frame, frames_out, protocol=pickle.HIGHEST_PROTOCOL)
         frames_out.flush()
 
+    vocab = Vocabulary(list(setup["tokens"]))
+    num_layers, hidden_size = setup["num_layers"], setup["hidden_size"]
+    try:
+        model = OnnxModel(Path(setup["graph"]))
+        model.warm_up({"token": np.array([vocab.bos_id], np.int64),
+                       "hidden": np.zeros((num_layers, 1, hidden_size), np.float32)})
+    except Exception as err:  # noqa: BLE001 - ORT's errors are not one class; the server reports it
+        send(("unusable", f"ONNX Runtime cannot run {setup['graph']}: {type(err).__name__}: {err}"))
+        raise SystemExit(1) from err
     send(("ready", model.provider))
     with contextlib.suppress(OSError):  # the server went away mid-step (a broken pipe)
         StepLoop(model, vocab, num_layers, hidden_size, setup["max_batch"], send).run(inbox)

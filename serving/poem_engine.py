@@ -138,6 +138,7 @@ class _DecoderProcess:
         self._writing = threading.Lock()
         self.ready = threading.Event()
         self.provider = ""
+        self.unusable = ""  # why the process could not load its graph, when it could not
         self._on_frame, self._on_exit = on_frame, on_exit
         self.send(setup)
         threading.Thread(target=self._read_forever, args=(self.proc.stdout,), name="poem-decoder-reader",
@@ -160,6 +161,8 @@ class _DecoderProcess:
                 if frame[0] == "ready":
                     self.provider = frame[1]
                     self.ready.set()
+                elif frame[0] == "unusable":
+                    self.unusable = frame[1]
                 else:
                     self._on_frame(frame)
         except (EOFError, OSError, pickle.UnpicklingError):
@@ -212,7 +215,7 @@ class PoemEngine:
         start-up, so no request waits for it); the provider it runs on."""
         decoder = self._running_decoder()
         if not decoder.ready.wait(START_TIMEOUT_S) or not decoder.provider:
-            raise RuntimeError("the poem decoding process did not start (its error is in the log above)")
+            raise RuntimeError(decoder.unusable or "the poem decoding process did not start (its error is in the log)")
         return decoder.provider
 
     def stop(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,15 +50,20 @@ def initialise_jieba() -> None:
 
 
 class PoemGenerator:
-    def __init__(self, model: ExportedModel, max_batch: int = 64, observe_step: StepObserver | None = None) -> None:
+    def __init__(self, model: ExportedModel, max_batch: int = 64,
+                 step_observer: Callable[[str], StepObserver] | None = None) -> None:
+        """``step_observer(provider)``: what to call after every decoding step, made once the decoding
+        process has said which provider runs the graph (the metrics are labelled with it)."""
         self.model = model
         self.vocab = Vocabulary.from_dict(model.meta["preprocessing"]["vocab"])
         config = model.meta["config"]
         if config["cell"] == "lstm":
             raise PoemRequestError("LSTM poem models are not served yet; export a GRU or RNN model")
-        self.engine = PoemEngine(model.onnx.path, self.vocab, config["num_layers"], config["hidden_size"], max_batch,
-                                 observe_step)
-        self.engine.start()  # the decoding process loads and warms up its model before the first request
+        self.engine = PoemEngine(model.graph, self.vocab, config["num_layers"], config["hidden_size"], max_batch)
+        # the decoding process loads and warms up its model before the first request
+        model.provider = self.engine.start()
+        if step_observer is not None:
+            self.engine.observe_step = step_observer(model.provider)
         initialise_jieba()
 
     def samplers(self, request: PoemRequest) -> list[PoemSampler]:

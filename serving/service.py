@@ -16,7 +16,7 @@ import functools
 import gc
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from serving.image_to_tensor import (
     to_dataset_frame,
 )
 from serving.metrics import REQUESTS, batch_observer, poem_step_observer
-from serving.model_store import ExportedModel, ModelNotFound, exported_names, load_exported
+from serving.model_store import ExportedModel, ModelNotFound, exported_names, load_exported, locate_exported
 from serving.playground import playground_app
 from serving.poem_engine import DecoderStopped
 from serving.poem_generation import PoemGenerator, PoemRequest
@@ -80,7 +80,7 @@ class _Base:
         gc.collect()
         gc.freeze()
 
-    def _load_task(self, task: str) -> dict[str, ExportedModel]:
+    def _load_task(self, task: str, load: Callable[[str], ExportedModel] = load_exported) -> dict[str, ExportedModel]:
         names = models_for(task) or exported_names(task)
         if not names:
             self.load_errors.append(f"no exported {task} model in the BentoML store; run "
@@ -88,7 +88,7 @@ class _Base:
         models = {}
         for name in names:
             try:
-                models[name] = load_exported(name)
+                models[name] = load(name)
             except (ModelNotFound, ArtifactError, bentoml.exceptions.BentoMLException) as err:
                 self.load_errors.append(f"{name}: {err}")
                 logger.error("cannot load %s: %s", name, err)
@@ -254,9 +254,10 @@ class PriceAPIs(_Base):
 
 class PoemAPIs(_Base):
     def _init_poems(self) -> None:
+        # located, not loaded: only each model's decoding process opens a session on its graph
         self.poem_generators = self._build(
-            self._load_task("poem"),
-            lambda m: PoemGenerator(m, self.limits.max_poem_batch, poem_step_observer(m.name, m.provider)))
+            self._load_task("poem", locate_exported),
+            lambda m: PoemGenerator(m, self.limits.max_poem_batch, functools.partial(poem_step_observer, m.name)))
 
     def _direct_routes(self) -> dict[str, DirectRoute]:
         return {**super()._direct_routes(),

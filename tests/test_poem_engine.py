@@ -31,6 +31,21 @@ def engine_parts(exported: dict[str, dict]) -> Iterator[tuple[PoemEngine, Vocabu
     engine.stop()
 
 
+def test_a_graph_onnx_runtime_cannot_load_stops_start_with_the_reason(exported: dict[str, dict],
+                                                                     tmp_path: Path) -> None:
+    meta = exported["poem_rnn"]
+    whole = (Path(bentoml.models.get(meta["tag"]).path) / "model.onnx").read_bytes()
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes(whole[: len(whole) // 3])  # a copy cut short
+    vocab = Vocabulary.from_dict(meta["preprocessing"]["vocab"])
+    engine = PoemEngine(broken, vocab, meta["config"]["num_layers"], meta["config"]["hidden_size"])
+    try:
+        with pytest.raises(RuntimeError, match=r"ONNX Runtime cannot run .*model\.onnx: \w+"):
+            engine.start()
+    finally:
+        engine.stop()
+
+
 def _samplers(vocab: Vocabulary, count: int, seed: int = 0) -> list[PoemSampler]:
     plan = plan_poem(PoemForm(7, 8), vocab)
     return [PoemSampler(plan, vocab, SamplingParams(), seed + i) for i in range(count)]

@@ -173,7 +173,7 @@ def test_export_int8_ships_a_verified_file_and_serving_opts_in(monkeypatch: pyte
         served = load_exported(name, cpu_runtime(1))
         feeds = model_inputs(meta, 8)
         direct = OnnxModel(folder / INT8_FILE, cpu_runtime(1)).run(feeds)[0]
-        np.testing.assert_array_equal(served.onnx.run(feeds)[0], direct)
+        np.testing.assert_array_equal(served.session.run(feeds)[0], direct)
 
         copy = tmp_path / "copy"
         shutil.copytree(folder, copy)

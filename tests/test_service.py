@@ -63,6 +63,8 @@ def test_models_endpoint_lists_what_is_served(server: str) -> None:
     assert {"fashion-lenet", "fashion-lenet-book", "digits-mlp", "house-price", "tang-poem"} <= names
     lenet = next(m for m in body["models"] if m["name"] == "fashion-lenet")
     assert lenet["provider"] == "CPUExecutionProvider" and lenet["inputs"][0]["shape"] == ["batch", 1, 28, 28]
+    poem = next(m for m in body["models"] if m["name"] == "tang-poem")
+    assert poem["provider"] == "CPUExecutionProvider"  # as its decoding process reported it
     assert "accuracy" in lenet["test_metrics"] and body["problems"] == []
 
 
