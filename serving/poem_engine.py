@@ -215,6 +215,7 @@ class PoemEngine:
         start-up, so no request waits for it); the provider it runs on."""
         decoder = self._running_decoder()
         if not decoder.ready.wait(START_TIMEOUT_S) or not decoder.provider:
+            self.stop()  # one that hangs in start-up must not outlive the refusal
             raise RuntimeError(decoder.unusable or "the poem decoding process did not start (its error is in the log)")
         return decoder.provider
 
