@@ -103,6 +103,7 @@ class _Base:
                 built[name] = build(model)
             except Exception as err:  # noqa: BLE001 - any failure here must leave the worker up
                 self.load_errors.append(f"{name}: cannot start ({type(err).__name__}: {err})")
+                self.loaded.pop(name, None)  # /models lists what is served
                 logger.exception("cannot start %s", name)
         return built
 

@@ -21,6 +21,7 @@ from PIL import Image
 from test_image_to_tensor import png_bomb
 
 from preprocessing import PixelScaling
+from serving.artifacts import sha256_file
 from training.datasets.house import load_house_train, read_house_csv
 from training.datasets.images import load_image_split
 from training.datasets.sources import find_dataset
@@ -370,6 +371,34 @@ def test_malformed_bodies_are_explained(server: str) -> None:
                         timeout=30, headers={"content-type": "application/json"})
     assert nested.status_code == 400
     assert httpx.get(f"{server}/livez", timeout=5).status_code == 200
+
+
+def test_a_poem_graph_onnx_runtime_cannot_load_keeps_the_service_unready_and_says_why(
+        exported: dict[str, dict], tmp_path: Path) -> None:
+    """Checksums that match a graph ONNX Runtime cannot load (as one exported for a newer runtime would
+    be): the worker opens no session on poem graphs, so the decoding process is what finds out."""
+    import shutil
+
+    name, version = exported["poem_rnn"]["tag"].split(":")
+    folder = tmp_path / "bentoml" / "models" / name / version
+    shutil.copytree(Path(os.environ["BENTOML_HOME"]) / "models" / name / version, folder)
+    graph = folder / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:50_000])
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["files"]["model.onnx"] = {**meta["files"]["model.onnx"], "sha256": sha256_file(graph),
+                                   "bytes": graph.stat().st_size}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    pin = {f"DLBOOK_MODEL_{name.upper().replace('-', '_')}": f"{name}:{version}"}
+    with serve("PoemService", tmp_path / "server.log", ready_path="/livez",
+               BENTOML_HOME=str(tmp_path / "bentoml"), **pin) as base:
+        assert httpx.get(f"{base}/readyz", timeout=10).status_code == 503
+        body = httpx.post(f"{base}/models", json={}, timeout=10).json()
+        assert body["models"] == [], body  # nothing it cannot serve is listed
+        reason = f"{name}: cannot start (RuntimeError: ONNX Runtime cannot run "
+        assert any(p.startswith(reason) for p in body["problems"]), body["problems"]
+        refused = httpx.post(f"{base}/generate_poem", json={"seed": 1}, timeout=10)
+        assert refused.status_code == 503 and "ONNX Runtime cannot run" in refused.json()["error"]
+        assert httpx.get(f"{base}/livez", timeout=5).status_code == 200
 
 
 @pytest.mark.parametrize("damage", ["corrupted", "missing"])
