@@ -115,13 +115,17 @@ def auth_headers() -> dict[str, str]:
 # ---- real data, loaded and encoded once per process ------------------------------------------------------------
 
 
+SAMPLE_FOLDERS = {"tang300": "poems"}  # data/samples/<folder> where it is not the data set's own name
+
+
 def data_folder(name: str, needed: str) -> Path:
     """The configured data root's folder for ``name`` if it holds ``needed``, else the committed samples."""
+    samples = SAMPLES / SAMPLE_FOLDERS.get(name, name)
     try:
         folder = find_dataset(name)
     except DataMissingError:
-        folder = SAMPLES / name
-    return folder if (folder / needed).is_file() else SAMPLES / name
+        return samples
+    return folder if (folder / needed).is_file() else samples
 
 
 def png(array: np.ndarray) -> bytes:

@@ -48,3 +48,24 @@ def test_locust_run_meets_its_slos_on_every_endpoint(server: str, tmp_path: Path
     with open(f"{prefix}_failures.csv", newline="") as fh:
         assert list(csv.DictReader(fh)) == []
     assert (tmp_path / "smoke.html").stat().st_size > 10_000
+
+
+def test_without_any_data_root_the_users_load_the_committed_samples(tmp_path: Path) -> None:
+    """A machine with no data sets (no $DLBOOK_DATA, data/raw or ../shared/data) still runs the load
+    test on the real samples committed under data/samples. In a subprocess: importing Locust patches
+    this process's sockets and threads (gevent)."""
+    probe = (
+        "import sys\n"
+        "import training.paths as paths\n"
+        "paths.SHARED_DATA_DIR = paths.RAW_DATA_DIR = paths.REPO_ROOT / 'absent'\n"
+        "sys.path.insert(0, 'loadtests')\n"
+        "import locustfile\n"
+        "m = locustfile.material()\n"
+        "print(len(m.pngs), len(m.houses), len(m.prompts), len(m.themes))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DLBOOK_DATA"}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = [int(n) for n in done.stdout.split()[-4:]]
+    assert all(n > 0 for n in counts), done.stdout
