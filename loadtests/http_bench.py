@@ -1,6 +1,9 @@
 """HTTP, served vs bare: our BentoML service against a bare Starlette + ORT endpoint, same model, same bytes.
 
-    python loadtests/http_bench.py --rounds 2 --duration 15 --json /tmp/http_bench.json
+    python loadtests/http_bench.py --rounds 2 --duration 12 --threads 1
+
+Each invocation writes its record to ``docs/bench/`` (``--record-dir``; see :mod:`loadtests.records`);
+``python -m loadtests.report`` turns the records into the tables of docs/PERFORMANCE.md.
 
 Both servers run side by side (an idle server costs nothing); each round measures every
 (payload, concurrency) cell on the bare baseline and on our service back to back, alternating which
@@ -26,6 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from loadtests import records  # noqa: E402
 from loadtests.loadgen import HttpRequest, LoadResult, multipart_body, run_wrk  # noqa: E402
 from loadtests.servers import bare_service, bentoml_service, cpu_seconds  # noqa: E402
 from training.datasets.images import load_image_split  # noqa: E402
@@ -85,7 +89,9 @@ def main() -> None:
                         help="ORT intra-op threads for both servers (0: ORT chooses, one per core)")
     parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE",
                         help="settings for our service, e.g. DLBOOK_WORKERS=2 DLBOOK_ORT_INTRA_THREADS=1")
+    records.add_arguments(parser)
     args = parser.parse_args()
+    recording = records.begin("http-bench", args)
 
     requests = payloads(fashion_image())
     logs = Path(tempfile.mkdtemp(prefix="dlbook-http-bench-"))
@@ -116,6 +122,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "cells": {
             f"{p}-{n}-c{c}": [r.as_dict() for r in v] for (p, n, c), v in results.items()}}, indent=2))
+    records.write(recording, {"summary": summary, "models": records.model_versions([args.model])})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Where a served one-image request's CPU goes, against the floors of this machine.
 
-    python loadtests/http_floor.py [--rounds 2] [--duration 10] [--workers 1 2] [--json PATH]
+    python loadtests/http_floor.py [--rounds 2] [--duration 10] [--workers 1 2] [--record-dir DIR]
 
 Throughput on a CPU-bound machine is cores ÷ CPU per request, so this prices one request of the peer
 benchmark (``POST /classify_pixels`` with one real Fashion-MNIST test image as a 28×28 JSON array,
@@ -37,10 +37,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from loadtests import records  # noqa: E402
 from loadtests.loadgen import HttpRequest, run_wrk  # noqa: E402
 from loadtests.servers import bentoml_service, cpu_seconds, free_port, running  # noqa: E402
 
-LOCK = Path("/tmp/dlbook-bench.lock")
 _ANSWER = json.dumps({"model": "fashion-lenet", "version": "noop", "predictions": [
     {"class_index": 9, "label": "Ankle boot", "probability": 0.98,
      "top_k": [{"label": "Ankle boot", "probability": 0.98}, {"label": "Sneaker", "probability": 0.01},
@@ -134,16 +134,17 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per cell")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--json", type=Path)
+    records.add_arguments(parser)
     args = parser.parse_args()
-    import fcntl
+    recording = records.begin("http-floor", args)
 
     request, image = the_request()
     parse = parsing_ms(request)
     logs = Path(tempfile.mkdtemp(prefix="dlbook-http-floor-"))
     cells: dict[str, list[dict]] = {}
     batches: dict[int, list[float]] = {}
-    with open(LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with records.bench_lock():
+        recording.lock_held = True
         for workers in args.workers:
             env = {"DLBOOK_IMAGE_MODELS": "fashion-lenet", "DLBOOK_ORT_INTRA_THREADS": "1",
                    "DLBOOK_WORKERS": str(workers)}
@@ -180,6 +181,10 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"cells": cells, "parsing_ms": parse, "onnx_ms_per_image": onnx,
                                          "summary": summary}, indent=1))
+    records.write(recording, {"summary": summary, "parsing_ms": parse, "onnx_ms_per_image": onnx,
+                              "cells": {name: {key: statistics.median(c[key] for c in cs) for key in cs[0]}
+                                        for name, cs in cells.items()},
+                              "rounds": cells, "models": records.model_versions(["fashion-lenet"])})
 
 
 if __name__ == "__main__":

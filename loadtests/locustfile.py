@@ -227,7 +227,7 @@ def malformed_cases(sample_png: bytes) -> dict[str, list[Case]]:
     text = (REPO / "README.md").read_bytes()[:2000]
     zeros = np.zeros((28, 28), int).tolist()
     poem_cases = [
-        ("top_p 1.5", {"top_p": 1.5}, 422), ("temperature 0", {"temperature": 0}, 422),
+        ("top_p 1.5", {"top_p": 1.5}, 422), ("temperature -1", {"temperature": -1}, 422),
         ("6-character clauses", {"chars_per_clause": 6}, 422), ("5 lines", {"lines": 5}, 422),
         ("n 9", {"n": 9}, 400), ("n 0", {"n": 0}, 400), ("seed -1", {"seed": -1}, 422),
         ("acrostic longer than the poem", {"acrostic": "一二三四五"}, 422),

@@ -1,6 +1,6 @@
 """Overload: throughput and latency against concurrency, up to far beyond what one worker can serve.
 
-    python loadtests/overload.py --duration 20 --json /tmp/overload.json
+    python loadtests/overload.py --duration 12 --env DLBOOK_ORT_INTRA_THREADS=1
 
 For each concurrency (1, 8, 32, 128, 256 by default) wrk sends one real Fashion-MNIST image as JSON
 to ``/classify_pixels`` for ``--duration`` seconds. A worker whose event loop runs later than
@@ -10,7 +10,8 @@ bounded latency instead of every request waiting longer until clients time out. 
 latency by status, so beside it a probe client sends one request every 20 ms and times accepted
 (200) answers on its own. Reported per level: answered and shed per second, wrk's latency over all
 answers, and the probe's p50/p99 of accepted answers. The run fails (exit 1) on any answer other
-than 200 or 503, any socket error or timeout, or a 503 without ``Retry-After``.
+than 200 or 503, any socket error or timeout, or a 503 without ``Retry-After``. Each invocation
+writes its record to ``docs/bench/`` (``--record-dir``; see :mod:`loadtests.records`), a failed one too.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from loadtests import records  # noqa: E402
 from loadtests.http_bench import fashion_image, payloads  # noqa: E402
 from loadtests.loadgen import run_wrk  # noqa: E402
 from loadtests.servers import bentoml_service  # noqa: E402
@@ -99,7 +101,9 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 128, 256])
     parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="settings for our service")
     parser.add_argument("--json", type=Path)
+    records.add_arguments(parser)
     args = parser.parse_args()
+    recording = records.begin("overload", args)
 
     request = payloads(fashion_image())["json"]
     env = {"DLBOOK_IMAGE_MODELS": "fashion-lenet", **dict(kv.split("=", 1) for kv in args.env)}
@@ -149,6 +153,9 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"levels": rows, "burst": {"shed": seen, "retry_after": with_header},
                                          "failures": failures}, indent=2))
+    records.write(recording, {"levels": rows, "burst": {"shed": seen, "retry_after": with_header},
+                              "failures": failures, "passed": not failures,
+                              "models": records.model_versions(["fashion-lenet"])})
     if failures:
         print("FAILED:", "; ".join(failures))
         sys.exit(1)

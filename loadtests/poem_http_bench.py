@@ -1,6 +1,6 @@
 """Poem generation through HTTP, against the in-process ceiling measured in the same run.
 
-    python loadtests/poem_http_bench.py --rounds 2 --streams 16 --json /tmp/poem_http.json
+    python loadtests/poem_http_bench.py --rounds 2 --streams 16
 
 Per round, alternating which goes first:
 - ceiling: the model's step graph plus our sampling code at batch ``streams`` in this process, no
@@ -23,7 +23,8 @@ streams, where httpx took 0.25 and slowed the server's decoding step by a third)
 measures with httpx, for comparison with earlier figures; ``--compare-httpx`` adds, per round, the
 held-in-flight measurement with httpx as well (an A/B of the two clients on the same server). Either
 way every stream is checked: its characters must spell the poem of its ``done`` event (lean) or
-number 64 (httpx).
+number 64 (httpx). Each invocation writes its record to ``docs/bench/`` (``--record-dir``; see
+:mod:`loadtests.records`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from loadtests import records  # noqa: E402
 from loadtests.lean_http import LeanConnection  # noqa: E402
 from loadtests.poem_throughput import FORM, StepBench  # noqa: E402
 from loadtests.servers import bentoml_service  # noqa: E402
@@ -199,7 +201,9 @@ def main() -> None:
     parser.add_argument("--compare-httpx", action="store_true",
                         help="each round also holds the requests in flight with httpx as the client (A/B, same server)")
     parser.add_argument("--json", type=Path)
+    records.add_arguments(parser)
     args = parser.parse_args()
+    recording = records.begin("poem-http", args)
 
     bench = StepBench(args.model)
     bench.ceiling(args.streams, 1.0)  # warm-up
@@ -246,6 +250,7 @@ def main() -> None:
               f"**{med[key] / med['sequential']:.2f}×** sequential) |")
     if args.json:
         args.json.write_text(json.dumps({"rounds": rounds, "median": med}, indent=2))
+    records.write(recording, {"median": med, "rounds": rounds, "models": records.model_versions([args.model])})
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@
 Three measurements per round, alternated so drift on a shared machine hits all of them alike:
 - ceiling: the exported step graph plus our sampling code at batch ``streams``, a plain loop, no
   engine, no asyncio: the most continuous batching could reach here;
-- batched: ``streams`` concurrent poems through ``PoemEngine`` (continuous batching);
+- batched: ``streams`` concurrent poems through ``PoemEngine`` (continuous batching, in its decoding
+  process, as the service runs it);
 - one by one: the same poems through the engine, sequentially.
 Each poem is 8 lines of 7 characters (64 tokens with marks). Figures are characters per second.
+Each invocation writes its record to ``docs/bench/`` (``--record-dir``; see :mod:`loadtests.records`).
 """
 
 from __future__ import annotations
@@ -15,18 +17,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import bentoml
 import numpy as np
 
-from preprocessing import Vocabulary
-from serving.artifacts import verify_model_dir
-from serving.model_store import onnx_file
-from serving.poem_engine import PoemEngine
-from serving.poem_sampling import PoemForm, PoemSampler, SamplingParams, advance_all, plan_poem
-from serving.runtime import OnnxModel
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtests import records  # noqa: E402
+from preprocessing import Vocabulary  # noqa: E402
+from serving.model_store import locate_exported  # noqa: E402
+from serving.poem_engine import PoemEngine  # noqa: E402
+from serving.poem_sampling import PoemForm, PoemSampler, SamplingParams, advance_all, plan_poem  # noqa: E402
+from serving.runtime import OnnxModel  # noqa: E402
 
 FORM = PoemForm(7, 8)
 
@@ -35,11 +39,12 @@ class StepBench:
     """The exported step graph of a poem model with our sampling code, driven by a plain loop."""
 
     def __init__(self, model: str) -> None:
-        path = Path(bentoml.models.get(f"{model}:latest").path)
-        meta = verify_model_dir(path)
+        exported = locate_exported(model)  # the version and graph serving would pick (pins, DLBOOK_PREFER_INT8)
+        meta = exported.meta
         self.vocab = Vocabulary.from_dict(meta["preprocessing"]["vocab"])
         self.layers, self.hidden = meta["config"]["num_layers"], meta["config"]["hidden_size"]
-        self.onnx = OnnxModel(path / onnx_file(meta))  # the graph serving would pick (DLBOOK_PREFER_INT8)
+        self.graph = exported.graph
+        self.onnx = OnnxModel(exported.graph)
         self.plan = plan_poem(FORM, self.vocab)
 
     def samplers(self, streams: int, offset: int) -> list[PoemSampler]:
@@ -71,7 +76,9 @@ def main() -> None:
     parser.add_argument("--model", default="tang-poem")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--streams", type=int, default=16)
+    records.add_arguments(parser)
     args = parser.parse_args()
+    recording = records.begin("poem-throughput", args)
 
     bench = StepBench(args.model)
     onnx = bench.onnx
@@ -82,7 +89,8 @@ def main() -> None:
     def ceiling() -> float:
         return bench.ceiling(args.streams)
 
-    engine = PoemEngine(onnx, bench.layers, bench.hidden)
+    engine = PoemEngine(bench.graph, bench.vocab, bench.layers, bench.hidden)  # a decoding process, as served
+    engine.start()
 
     async def batched() -> float:
         began = time.perf_counter()
@@ -105,13 +113,18 @@ def main() -> None:
             results["one_by_one"].append(await one_by_one())
         return results
 
-    results = asyncio.run(run())
+    try:
+        results = asyncio.run(run())
+    finally:
+        engine.stop()
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"model {args.model}, {args.streams} streams, {args.rounds} rounds, provider {onnx.provider}")
     for key, values in results.items():
         print(f"  {key:11} median {med[key]:8.0f} chars/s   rounds: {', '.join(f'{v:.0f}' for v in values)}")
     print(f"  batched / ceiling    = {med['batched'] / med['ceiling']:.2f}  (target ≥ 0.7)")
     print(f"  batched / one_by_one = {med['batched'] / med['one_by_one']:.2f}  (target ≥ 3)")
+    records.write(recording, {"median": med, "rounds": results, "provider": onnx.provider,
+                              "models": records.model_versions([args.model])})
 
 
 if __name__ == "__main__":

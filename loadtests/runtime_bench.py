@@ -24,7 +24,8 @@ calls, per round, median across rounds: unlike the median latency it includes st
 against eager (eager / this median latency within each round, median across rounds: a slow spell of
 the machine hits both sides of a pair); and the spread of the round medians ((slowest − fastest) /
 median). Torch and ORT get the same intra-op thread count (``--threads``, default serving's
-``DLBOOK_ORT_INTRA_THREADS`` or one per CPU).
+``DLBOOK_ORT_INTRA_THREADS`` or one per CPU). Each invocation but ``--quick`` writes its record to
+``docs/bench/`` (``--record-dir``, which a quick run honours too; see :mod:`loadtests.records`).
 """
 
 from __future__ import annotations
@@ -45,11 +46,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from models import build_model
-from serving.model_store import ExportedModel, load_exported, onnx_file
-from serving.runtime import OnnxModel, RuntimeConfig, gpu_present
-from training.bench import DEFAULT_MODELS, alternate, cpu_name, model_inputs, resolve_threads
-from training.export import LSTMPoemStep, PoemStep
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtests import records  # noqa: E402
+from models import build_model  # noqa: E402
+from serving.model_store import ExportedModel, load_exported  # noqa: E402
+from serving.runtime import OnnxModel, RuntimeConfig, gpu_present  # noqa: E402
+from training.bench import DEFAULT_MODELS, alternate, cpu_name, model_inputs, resolve_threads  # noqa: E402
+from training.export import LSTMPoemStep, PoemStep  # noqa: E402
 
 FEED_FORWARD_BATCHES = (1, 8, 64, 256)
 POEM_BATCHES = (1, 4, 16, 64)
@@ -124,8 +128,7 @@ def load_contenders(name: str, runtime: RuntimeConfig) -> Contenders:
     scripted = torch.jit.load(str(exported.path / "model.ts")).eval()
     cuda = None
     if gpu_present():
-        graph = exported.path / onnx_file(exported.meta)  # the file serving would load
-        candidate = OnnxModel(graph, dataclasses.replace(runtime, prefer_cuda=True))
+        candidate = OnnxModel(exported.graph, dataclasses.replace(runtime, prefer_cuda=True))
         cuda = candidate if candidate.provider == "CUDAExecutionProvider" else None
     return Contenders(exported, eager_module(exported, scripted), scripted, cuda)
 
@@ -156,8 +159,8 @@ def bench_model(name: str, batches: dict[str, list[int]], settings: Settings, ru
         for runtime_name, timing in timings.items():
             # paired within each round (the contenders ran back to back), then the median over rounds
             vs_eager = statistics.median(e / t for e, t in zip(eager, timing.round_medians, strict=True))
-            rows.append({"model": name, "task": meta["task"], "onnx_file": onnx_file(meta), "batch": batch,
-                         "runtime": runtime_name, **timing.to_dict(), "vs_eager": vs_eager})
+            rows.append({"model": name, "task": meta["task"], "onnx_file": contenders.exported.graph.name,
+                         "batch": batch, "runtime": runtime_name, **timing.to_dict(), "vs_eager": vs_eager})
         print(f"  {name} batch {batch}: " + ", ".join(
             f"{k} {1e3 * t.median:.3f} ms" for k, t in timings.items()), file=sys.stderr, flush=True)
     return rows
@@ -223,11 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "unless given")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--json", type=Path, help="write every figure (and each round's median) here")
+    records.add_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.quick and args.record_dir == records.RECORD_DIR:
+        args.no_record = True  # a smoke run is no measurement: never into docs/bench
+    recording = records.begin("runtime", args, argv=[sys.argv[0] if argv is None else __file__,
+                                                     *(sys.argv[1:] if argv is None else argv)])
     if args.rounds < 2:
         raise SystemExit("--rounds must be at least 2: one round cannot show how much the machine moved")
     threads = resolve_threads(args.threads)
@@ -254,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         args.markdown.write_text(table, encoding="utf-8")
     if args.json:
         args.json.write_text(json.dumps({"environment": env, "cells": rows}, indent=2), encoding="utf-8")
+    records.write(recording, {"environment": env, "cells": rows,
+                              "models": records.model_versions(sorted({r["model"] for r in rows}))})
     bad = [r for r in rows if not all(math.isfinite(r[k]) and r[k] > 0 for k in ("median_ms", "p99_ms"))]
     return 1 if bad else 0
 

@@ -13,8 +13,10 @@ get their 4xx), and samples the resident memory of the server's process tree (th
 - tree RSS at the end is within ``--rss-tolerance`` (10%) of the RSS after ``--warmup`` seconds:
   caches and allocator pools fill during warm-up, a leak keeps growing after it.
 
-Writes ``soak.json``, ``soak.md``, Locust's CSVs and HTML report to ``--out``; exits 1 when a
-criterion fails. Locust's own p95 verdict is reported but not enforced here: latency is the load
+Writes ``soak.json``, ``soak.md``, Locust's CSVs and HTML report to ``--out`` (scratch, git-ignored),
+and the invocation's small record (the summary and the RSS samples) to ``docs/bench/`` (``--record-dir``;
+see :mod:`loadtests.records`), from which ``python -m loadtests.report`` writes docs/RELIABILITY.md's
+table; exits 1 when a criterion fails. Locust's own p95 verdict is reported but not enforced here: latency is the load
 tests' business, this run is about staying up and flat.
 """
 
@@ -38,6 +40,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtests import records  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER_MARK = "_bentoml_impl.worker.service"
@@ -191,7 +197,7 @@ def summarise(args: argparse.Namespace, samples: list[Sample], rows: dict[str, d
     malformed = sum(e["requests"] for name, e in endpoints.items() if name.endswith("(malformed)"))
     return {
         "command": command,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "record_dir", "no_record")},
         "requests": requests, "failures": failures, "malformed_requests": malformed,
         "malformed_share": round(malformed / max(requests, 1), 4),
         "rps": round(float(total["Requests/s"]), 2),
@@ -224,6 +230,13 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def record_result(summary: dict) -> dict:
+    """The record keeps the summary, with the RSS samples as [seconds, tree MB, workers] rows."""
+    kept = {k: v for k, v in summary.items() if k not in ("samples", "command", "settings")}
+    kept["samples"] = [[s["t"], s["rss_mb"], len(s["workers"])] for s in summary["samples"]]
+    return kept
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="soak a running server instead of starting one")
@@ -236,12 +249,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=60, help="seconds before the reference RSS sample")
     parser.add_argument("--interval", type=float, default=5, help="seconds between RSS samples")
     parser.add_argument("--rss-tolerance", type=float, default=0.10)
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "soak" / time.strftime("%Y%m%d-%H%M%S"))
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "soak" / time.strftime("%Y%m%d-%H%M%S"),
+                        help="Locust's CSVs and HTML, the server log, soak.json and soak.md (scratch)")
+    records.add_arguments(parser)
     return parser.parse_args()
 
 
 def main() -> int:
     args = parse_args()
+    recording = records.begin("soak", args)
     args.out.mkdir(parents=True, exist_ok=True)
     command = " ".join([Path(sys.executable).name, *sys.argv])
     with contextlib.ExitStack() as stack:
@@ -263,6 +279,7 @@ def main() -> int:
     (args.out / "soak.md").write_text(markdown(summary))
     print(markdown(summary))
     print(f"reports in {args.out}")
+    records.write(recording, record_result(summary))
     return 0 if summary["passed"] else 1
 
 

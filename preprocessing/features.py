@@ -6,6 +6,12 @@ SimpleImputer + StandardScaler do in the textbook). Categorical columns: missing
 ``"NaN"`` (the textbook's fill value), then one-hot over the training categories; a category never
 seen in training encodes as all zeros (``handle_unknown="ignore"``). Serving validates requests
 against the same spec, so a record that training would have read differently is refused.
+
+"Missing" above is the data set's NA (in Kaggle's data mostly *none*: no garage, no alley): a value
+the CSV leaves empty or spells ``NA``, and a request's explicit null or ``"NA"``. A field a request
+*omits* is unknown instead, and ``complete_records`` imputes it from the nearest training houses
+(``preprocessing/imputation.py``; the imputation is part of the spec stored with the model).
+``encode_records`` is the plain encoding underneath, which reads an omitted field as NA.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
+from preprocessing.imputation import Completions, Imputation
 
 MISSING_CATEGORY = "NaN"
 # How the Kaggle CSV (and pandas, for the textbook) spells a missing value: read as missing everywhere.
@@ -60,6 +68,9 @@ class FeatureSpec:
     categorical: list[CategoricalFeature]
     # Columns a Kaggle record may carry that are not features: accepted and ignored.
     ignored: tuple[str, ...] = ("Id", "SalePrice")
+    # How omitted fields are filled in (fitted with the model: training/tasks/price.py); None in a
+    # spec fitted alone, where an omitted field encodes as the data set's NA.
+    imputation: Imputation | None = field(default=None, repr=False, compare=False)
     _columns: dict[str, str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -164,18 +175,53 @@ class FeatureSpec:
                 col += len(f.categories)
         return out
 
+    # ----- requests: omitted fields imputed ------------------------------------------------
+    @property
+    def fields(self) -> list[str]:
+        """Feature fields in encoding order (numeric, then categorical)."""
+        return [f.name for f in self.numeric] + [f.name for f in self.categorical]
+
+    def given_fields(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """``[N, fields]``: True where a record carries the field, even as null (the data set's NA)."""
+        names = self.fields
+        return np.array([[name in record for name in names] for record in records], dtype=bool).reshape(
+            len(records), len(names))
+
+    def complete_records(self, records: Sequence[Mapping[str, Any]]) -> Completions:
+        """Validate and encode request records, imputing the fields each one omits.
+
+        A field sent as null or ``"NA"`` is the data set's NA (as in training); an omitted one is
+        filled in from the nearest training houses (:mod:`preprocessing.imputation`). Without an
+        imputation (a spec fitted alone) an omitted field is the data set's NA and none is listed.
+        """
+        rows = list(records)
+        x = self.encode_records(rows)
+        if self.imputation is None:
+            return Completions(x, np.arange(len(rows)), [[] for _ in rows])
+        given = self.given_fields(rows)
+        names = self.fields
+        imputed = [[names[j] for j in np.flatnonzero(~mask)] for mask in given]
+        features, owner = self.imputation.complete(x, given)
+        return Completions(features, owner, imputed)
+
     # ----- storage -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "numeric": [asdict(f) for f in self.numeric],
             "categorical": [{"name": f.name, "categories": list(f.categories)} for f in self.categorical],
             "ignored": list(self.ignored),
         }
+        if self.imputation is not None:
+            data["imputation"] = self.imputation.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FeatureSpec:
-        return cls(
+        spec = cls(
             [NumericFeature(**f) for f in data["numeric"]],
             [CategoricalFeature(f["name"], tuple(f["categories"])) for f in data["categorical"]],
             tuple(data.get("ignored", ("Id", "SalePrice"))),
         )
+        if data.get("imputation"):
+            spec.imputation = Imputation.from_dict(spec, data["imputation"])
+        return spec

@@ -14,6 +14,7 @@ from typing import Any
 import bentoml
 
 from serving.artifacts import ArtifactError, verify_model_dir
+from serving.int8_guard import choose_graph
 from serving.runtime import OnnxModel, RuntimeConfig
 
 
@@ -66,14 +67,19 @@ class ExportedModel:
             "outputs": self.meta["io"]["outputs"],
             "test_metrics": {k: v for k, v in training["test"].items() if isinstance(v, int | float)},
             "parity_max_abs": max(self.meta["parity"]["torchscript"], self.meta["parity"]["onnxruntime"]),
+            "profile": training.get("profile"),
+            # What it learnt from: a cut such as data/samples (a fresh clone's model) says so here, and
+            # the playground shows it; runs exported before this was recorded say nothing.
+            "trained_on": training.get("data"),
         }
 
 
-def onnx_file(meta: dict[str, Any]) -> str:
-    """``model.int8.onnx`` when ``DLBOOK_PREFER_INT8=1`` and export shipped one (so meta.json lists and
-    verified it), else ``model.onnx``; export ships int8 only when it was faster and as accurate."""
-    int8 = "model.int8.onnx"
-    return int8 if os.environ.get("DLBOOK_PREFER_INT8") == "1" and int8 in meta["files"] else "model.onnx"
+def onnx_file(meta: dict[str, Any], folder: Path) -> str:
+    """``model.int8.onnx`` when ``DLBOOK_PREFER_INT8=1``, export shipped one (so meta.json lists and
+    verified it) and it is safe on this CPU, else ``model.onnx``. Export ships int8 only when it was
+    faster and as accurate on the CPU it ran on; ``serving.int8_guard.choose_graph`` re-verifies it on
+    the stored check batch when this CPU differs, and falls back to float (logged) when it fails."""
+    return choose_graph(folder, meta)
 
 
 def locate_exported(name: str) -> ExportedModel:
@@ -91,7 +97,7 @@ def locate_exported(name: str) -> ExportedModel:
         raise ModelNotFound(f"model tag {tag!r} is malformed ({err}); use name or name:version") from err
     path = Path(model.path)
     meta = verify_model_dir(path)
-    return ExportedModel(name, str(model.tag), path, meta, path / onnx_file(meta))
+    return ExportedModel(name, str(model.tag), path, meta, path / onnx_file(meta, path))
 
 
 def load_exported(name: str, runtime: RuntimeConfig | None = None) -> ExportedModel:

@@ -28,6 +28,7 @@ import logging
 import os
 import pickle
 import queue
+import signal
 import sys
 import threading
 import time
@@ -123,6 +124,11 @@ class StepLoop:
 
 
 def main() -> None:
+    # A graceful shutdown (SIGTERM) is the server's to run: it finishes the poems in flight, then closes
+    # our input, which ends the loop. BentoML's process manager (circus) signals every child of a worker
+    # too, which used to end the poems first (each stream got an ``error`` event during a drain); a
+    # server that dies closes our input as well, so ignoring SIGTERM leaves no orphan.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     frames_in = sys.stdin.buffer
     frames_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed from here on goes to stderr, not into the frames

@@ -59,16 +59,21 @@ class PoemForm:
         return [s for s in range(self.slots) if self.mark_at(s) is None]
 
 
+# The largest factor a temperature may scale the logits by: 1/T of a tiny temperature would overflow
+# float32 (and turn the row into NaN); at 1e30 only the largest logit keeps any weight anyway.
+MAX_INVERSE_TEMPERATURE = 1e30
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.8
+    temperature: float = 0.8  # 0 = greedy: each free slot takes the most likely allowed character
     top_k: int = 0  # 0 = no top-k cut
     top_p: float = 0.9
     repetition_penalty: float = 1.1
 
     def __post_init__(self) -> None:
-        if not 0.05 <= self.temperature <= 5.0:
-            raise PoemRequestError(f"temperature must lie in [0.05, 5], got {self.temperature}")
+        if not 0.0 <= self.temperature <= 5.0:
+            raise PoemRequestError(f"temperature must lie in [0, 5] (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             raise PoemRequestError(f"top_k must be ≥ 0 (0 turns it off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -266,20 +271,33 @@ def sample_rows(logits: np.ndarray, allowed_ids: np.ndarray, histories: list[lis
     shared its steps. float32 is the precision the model's logits come in, and twice as fast as
     float64 through exp and partition. Weights are left unnormalised (top-p compares against each
     row's total), which saves a pass.
+
+    A row with temperature 0 is greedy: it takes the largest allowed score after the repetition
+    penalty (the argmax path; top-k and top-p cannot change it) and draws no random number, so its
+    poem is the same for every seed.
     """
     x = np.add(logits, _mask_bias(allowed_ids, logits.shape[1]), dtype=np.float32)
     _penalise(x, histories, np.array([p.repetition_penalty for p in params]))
+    greedy = np.array([p.temperature == 0 for p in params])
+    if greedy.all():
+        return x.argmax(axis=1)
+    best = x.argmax(axis=1) if greedy.any() else None
     count = len(allowed_ids)
     for r, p in enumerate(params):
-        if 0 < p.top_k < count:
+        if 0 < p.top_k < count and not greedy[r]:
             drop = np.argpartition(-x[r], p.top_k - 1)[p.top_k:]
             x[r, drop] = -np.inf
-    x *= np.array([1.0 / p.temperature for p in params], dtype=np.float32)[:, None]
+    inverse = [min(1.0 / p.temperature, MAX_INVERSE_TEMPERATURE) if p.temperature else 1.0 for p in params]
+    x *= np.array(inverse, dtype=np.float32)[:, None]
     x -= x.max(axis=1, keepdims=True)
     weights = np.exp(x, out=x)
     totals = weights.sum(axis=1)
     thresholds = _nucleus_thresholds(weights, totals, np.array([p.top_p for p in params], dtype=np.float32))
-    return _draw(weights, thresholds, np.array([rng.random() for rng in rngs]))
+    uniforms = np.array([0.0 if g else rng.random() for g, rng in zip(greedy, rngs, strict=True)])
+    picked = _draw(weights, thresholds, uniforms)
+    if best is not None:
+        picked[greedy] = best[greedy]
+    return picked
 
 
 def sample_next(logits: np.ndarray, allowed_ids: np.ndarray, generated: list[int], params: SamplingParams,

@@ -8,6 +8,8 @@ created, and report the provider the session actually got.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -41,6 +43,63 @@ def gpu_present() -> bool:
         return False
 
 
+def _cgroup_quota(folder: Path, version: int) -> float | None:
+    """CPUs allowed by the quota file(s) in one cgroup folder, or None (no quota, no file, unreadable)."""
+    try:
+        if version == 2:
+            quota, _, period = (folder / "cpu.max").read_text().strip().partition(" ")
+            return None if quota == "max" else int(quota) / int(period or "100000")
+        quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+        return None if quota_us <= 0 else quota_us / int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def container_cpu_limit(root: Path = Path("/sys/fs/cgroup"),
+                        proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """The CPUs this process's cgroup allows (its CPU quota, rounded up, at least 1), or None when unlimited.
+
+    A container's ``--cpus`` / a pod's ``resources.limits.cpu`` is a CFS quota, not fewer visible cores:
+    ``os.cpu_count()`` (and ONNX Runtime's default thread pool) still see every core of the host, and
+    more busy threads than the quota only get throttled. cgroup v2: ``cpu.max`` (``max 100000`` or
+    ``150000 100000``); v1: ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (-1: none). The process's own
+    cgroup (``/proc/self/cgroup``) and its ancestors are read, the tightest quota wins; a container sees
+    its own cgroup at the mount's root, which is read as well. The affinity mask (cpusets) caps it too.
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    folders: list[tuple[Path, int]] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # cgroup v2: "0::/path"
+            base, version = root, 2
+        elif "cpu" in controllers.split(","):  # cgroup v1: "4:cpu,cpuacct:/path"
+            base, version = root / controllers, 1
+            if not base.is_dir():  # mounted as cpu,cpuacct or cpu: the names vary
+                base = root / "cpu"
+        else:
+            continue
+        here = base / path.strip("/")
+        while True:
+            folders.append((here, version))
+            if here == base:
+                break
+            here = here.parent
+    folders += [(root, 2), (root / "cpu", 1)]  # a container's own cgroup at the mount's root
+    quotas = [q for folder, version in folders if (q := _cgroup_quota(folder, version)) is not None]
+    if not quotas:
+        return None
+    cpus = max(1, math.ceil(min(quotas) - 1e-9))
+    with contextlib.suppress(AttributeError, OSError):  # no affinity call on this platform
+        cpus = min(cpus, len(os.sched_getaffinity(0)))
+    return cpus
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Thread counts and graph optimisation; 0 threads lets ORT choose."""
@@ -54,7 +113,8 @@ class RuntimeConfig:
     @classmethod
     def from_env(cls) -> RuntimeConfig:
         return cls(
-            intra_op_threads=int(os.environ.get("DLBOOK_ORT_INTRA_THREADS", "0")),
+            # unset: one thread per CPU of the container's quota (cgroups), else ORT's choice (0)
+            intra_op_threads=int(os.environ.get("DLBOOK_ORT_INTRA_THREADS") or container_cpu_limit() or 0),
             inter_op_threads=int(os.environ.get("DLBOOK_ORT_INTER_THREADS", "0")),
             optimisation=os.environ.get("DLBOOK_ORT_OPTIMISATION", "all"),
             prefer_cuda=os.environ.get("DLBOOK_DEVICE", "auto") != "cpu",

@@ -18,10 +18,11 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import bentoml
 import numpy as np
+from pydantic import Field
 from starlette.responses import JSONResponse, StreamingResponse
 
 from preprocessing import RecordError
@@ -49,6 +50,12 @@ from serving.poem_generation import PoemGenerator, PoemRequest
 from serving.poem_sampling import PoemRequestError
 
 logger = logging.getLogger("dlbook.serving")
+
+# The poem routes' temperature, described in the OpenAPI schema (its range is checked with the other
+# sampling parameters, in serving/poem_sampling.py, so a value outside it is a 422 with the reason).
+Temperature = Annotated[float, Field(description=(
+    "Sampling temperature, 0 to 5. 0 = greedy (argmax): every free character is the model's most likely "
+    "one (after the repetition penalty), so the poem is the same for every seed; higher values are more varied."))]
 
 
 class _Base:
@@ -229,7 +236,13 @@ class PriceAPIs(_Base):
 
     @bentoml.api(route="/predict_price")
     async def predict_price(self, records: list[Any], model: str = "") -> dict[str, Any]:
-        """Sale price in dollars per house record (Kaggle column names; any column may be left out)."""
+        """Sale price in dollars per house record (Kaggle column names), with an 80% price range.
+
+        A column left out is *unknown*: it is filled in as the nearest training houses have it, and
+        the answer lists it under ``imputed``. A column sent as null or "NA" keeps the data set's
+        meaning ("none": no garage, no alley…). ``price_ranges[i]`` is ``[low, high]``: calibrated so
+        that ``range_coverage`` (0.8) of houses sell inside it; it widens as fewer columns are given.
+        """
         try:
             name, pricer = self._pick("price", self.pricers, model, "house-price")
             if not records:
@@ -238,17 +251,22 @@ class PriceAPIs(_Base):
                 raise ApiError(f"{len(records)} records in one request; the limit is {self.limits.max_records} "
                                "(DLBOOK_MAX_RECORDS): send them in several requests", 413)
             try:
-                features = pricer.encode(records)
+                completions = pricer.encode(records)
             except RecordError as err:
                 raise ApiError(str(err), 422) from err
             REQUESTS.labels("predict_price", name).inc()
-            prices = await self.price_batchers[name].submit(features)
-            bad = [i for i, p in enumerate(prices) if not np.isfinite(p)]
+            priced = pricer.prices(completions, await self.price_batchers[name].submit(completions.rows))
+            bad = [i for i, p in enumerate(priced.prices) if not np.isfinite(p)]
             if bad:
                 raise ApiError(f"records {bad[:10]} give no finite price: their values are far outside anything "
                                "in the training data; check units and magnitudes", 422)
-            return answer({"model": name, "version": pricer.model.tag.split(":")[1],
-                           "prices": [round(float(p), 2) for p in prices]})
+            body: dict[str, Any] = {"model": name, "version": pricer.model.tag.split(":")[1],
+                                    "prices": [round(float(p), 2) for p in priced.prices]}
+            if priced.ranges is not None:
+                body["price_ranges"] = np.round(priced.ranges, 2).tolist()
+                body["range_coverage"] = priced.coverage
+            body["imputed"] = priced.imputed
+            return answer(body)
         except ApiError as err:
             return error_response(err.message, err.status, "predict_price")
 
@@ -285,7 +303,7 @@ class PoemAPIs(_Base):
 
     @bentoml.api(route="/generate_poem")
     async def generate_poem(self, prompt: str = "", acrostic: str = "", theme: str = "", chars_per_clause: int = 5,
-                            lines: int = 4, temperature: float = 0.8, top_k: int = 0, top_p: float = 0.9,
+                            lines: int = 4, temperature: Temperature = 0.8, top_k: int = 0, top_p: float = 0.9,
                             repetition_penalty: float = 1.1, seed: int | None = None, n: int = 1,
                             model: str = "") -> dict[str, Any]:
         """Write ``n`` poems of exactly the asked form (5 or 7 characters a line, 4 or 8 lines).
@@ -310,7 +328,7 @@ class PoemAPIs(_Base):
 
     @bentoml.api(route="/generate_poem_stream")
     async def generate_poem_stream(self, prompt: str = "", acrostic: str = "", theme: str = "",
-                                   chars_per_clause: int = 5, lines: int = 4, temperature: float = 0.8,
+                                   chars_per_clause: int = 5, lines: int = 4, temperature: Temperature = 0.8,
                                    top_k: int = 0, top_p: float = 0.9, repetition_penalty: float = 1.1,
                                    seed: int | None = None, n: int = 1, model: str = "") -> dict[str, Any]:
         """The same poems as ``/generate_poem``, streamed as Server-Sent Events while they are written.

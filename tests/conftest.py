@@ -1,4 +1,10 @@
-"""Test setup: real data from ``../shared/data`` when it is there (CI), else the committed samples.
+"""Test setup: two data tiers, chosen by ``DLBOOK_TEST_DATA`` (``./dlbook test`` runs both).
+
+- ``samples`` (the default): the committed real samples under ``data/samples`` and nothing else
+  (``DLBOOK_DATA_ONLY=1`` hides ``data/raw`` and ``../shared/data``), exactly what a fresh clone has.
+  Every test runs here except those marked ``full_data``.
+- ``full``: the complete data sets (``data/raw`` or ``../shared/data``, as ``training.paths`` finds
+  them); only the tests marked ``full_data`` run, for what only the complete sets can show.
 
 Runs, processed corpora and the BentoML store go to per-session temporary folders.
 """
@@ -12,15 +18,38 @@ from pathlib import Path
 
 import pytest
 
+from training.datasets.sources import DATASETS
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
 SAMPLES = REPO / "data" / "samples"
-FULL_DATA = SHARED.is_dir()
-DATA_ROOT = SHARED if FULL_DATA else SAMPLES
+FULL_SETS = ("mnist", "fashion-mnist", "house-prices", "tang300", "quantangshi")
+TIER = os.environ.get("DLBOOK_TEST_DATA", "samples")
+if TIER not in ("samples", "full"):
+    raise pytest.UsageError(f"DLBOOK_TEST_DATA must be 'samples' or 'full', not {TIER!r}")
+FULL_DATA = TIER == "full"
+
+
+def _full_data_root() -> Path | None:
+    """The first data root holding every complete set, as ``training.paths`` would look."""
+    candidates = [REPO / "data" / "raw", REPO.parent / "shared" / "data"]
+    if os.environ.get("DLBOOK_DATA"):
+        candidates.insert(0, Path(os.environ["DLBOOK_DATA"]))
+    for root in candidates:
+        if all((root / DATASETS[name].folder / f).is_file() for name in FULL_SETS for f in DATASETS[name].files):
+            return root
+    return None
+
+
+DATA_ROOT = _full_data_root() if FULL_DATA else SAMPLES
+if DATA_ROOT is None:
+    raise pytest.UsageError("DLBOOK_TEST_DATA=full, but no folder (data/raw, ../shared/data or $DLBOOK_DATA) "
+                            "holds every complete data set: fetch them with python -m training fetch")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ["DLBOOK_DATA"] = str(DATA_ROOT)
+    if not FULL_DATA:
+        os.environ["DLBOOK_DATA_ONLY"] = "1"  # a fresh clone: no full data set anywhere
     # A private BentoML model store for the session: tests never touch ~/bentoml.
     os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="dlbook-bentoml-")
     os.environ["BENTOML_DO_NOT_TRACK"] = "True"  # no usage analytics calls from test servers
@@ -36,7 +65,19 @@ def data_root() -> Path:
     return DATA_ROOT
 
 
-full_data_only = pytest.mark.skipif(not FULL_DATA, reason="needs the full data sets in ../shared/data")
+# Tests that need the complete data sets: deselected in the samples tier by ./dlbook test, and
+# skipped (with this reason) when someone runs them by hand in that tier.
+full_data_only = pytest.mark.full_data
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if FULL_DATA:
+        return
+    skip = pytest.mark.skip(reason="needs the complete data sets: DLBOOK_TEST_DATA=full (./dlbook test runs "
+                                   "that tier when data/raw or ../shared/data has them)")
+    for item in items:
+        if item.get_closest_marker("full_data"):
+            item.add_marker(skip)
 
 
 # Brief real trainings shared by the export and serving tests (module fixtures would train twice).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +15,27 @@ from serving.artifacts import verify_model_dir
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _requirements(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _installed_requirements(bento: Path) -> Path:
+    """The requirements file the Bento's Dockerfile installs: directly (BentoML's own base image) or
+    through ``env/python/install.sh`` (a ``base_image`` of ours), which prefers a lock file when there is one."""
+    python_env = bento / "env" / "python"
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    if "pip install -r $BENTO_PATH/env/python/requirements.txt" in dockerfile:
+        return python_env / "requirements.txt"
+    assert re.search(r"^RUN bash .*/env/python/install\.sh$", dockerfile, re.M), dockerfile
+    assert '-r "$REQUIREMENTS_TXT"' in (python_env / "install.sh").read_text()
+    assert not (python_env / "requirements.lock.txt").exists()  # install.sh would install that instead
+    return python_env / "requirements.txt"
+
+
 def test_serving_requirements_match_the_project_pins() -> None:
     pins = {line.split("==")[0].lower().replace("_", "-"): line.strip()
             for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line}
-    wanted = [line.strip() for line in (REPO / "requirements-serving.txt").read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
+    wanted = _requirements(REPO / "requirements-serving.txt")
     for line in wanted:
         name = line.split("==")[0].lower().replace("_", "-")
         assert pins.get(name, "").lower().replace("_", "-") == line.lower().replace("_", "-"), line
@@ -44,8 +61,9 @@ def test_bento_build_pins_models_and_ships_a_dockerfile(exported: dict[str, dict
     for tag_ in pinned:  # each pinned model is in the store, its files matching their sha256
         model_name, model_version = tag_.split(":")
         verify_model_dir(Path(os.environ["BENTOML_HOME"]) / "models" / model_name / model_version)
-    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
-    assert "requirements.txt" in dockerfile or "requirements" in dockerfile
+    # the image installs the Bento's requirements.txt, which is requirements-serving.txt (no torch)
+    shipped = _requirements(_installed_requirements(bento))
+    assert set(shipped) == set(_requirements(REPO / "requirements-serving.txt")), shipped
     assert not (bento / "src" / "models").exists() and not (bento / "src" / "training").exists()
     check = subprocess.run(
         [sys.executable, "-c", "import sys; import serving.service as s; "

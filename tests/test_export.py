@@ -94,6 +94,7 @@ def test_round_trip_through_the_store_in_a_fresh_process(arch: str, trained_runs
 
 def test_meta_describes_what_serving_needs(trained_runs: dict[str, Path], exported: dict[str, dict]) -> None:
     import bentoml
+    import onnx
 
     meta = exported["lenet"]
     stored = verify_model_dir(Path(bentoml.models.get(meta["tag"]).path))
@@ -109,7 +110,14 @@ def test_meta_describes_what_serving_needs(trained_runs: dict[str, Path], export
     again = export_run(trained_runs["lenet"])
     assert again["tag"] != meta["tag"]
     assert str(bentoml.models.get("fashion-lenet:latest").tag) == again["tag"]
-    assert bentoml.models.get(meta["tag"]).path  # the older version stays addressable
+    # the older version stays addressable and whole: its own folder, every file matching its checksum,
+    # the same metadata as before, and a graph ONNX can load
+    older = Path(bentoml.models.get(meta["tag"]).path)
+    assert older != Path(bentoml.models.get(again["tag"]).path)
+    assert verify_model_dir(older) == stored
+    graph = onnx.load(str(older / "model.onnx"))
+    onnx.checker.check_model(graph)
+    assert [i.name for i in graph.graph.input] == ["image"]
     bentoml.models.delete(again["tag"])  # leave the session's store as the other tests expect it
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import DATA_ROOT
 
 import training.fetch as fetch_module
 from training.datasets import sources
@@ -21,6 +22,7 @@ def empty_roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """No data anywhere: data/raw and ../shared/data point at empty folders."""
     raw = tmp_path / "raw"
     monkeypatch.setenv("DLBOOK_DATA", str(tmp_path / "nothing"))
+    monkeypatch.delenv("DLBOOK_DATA_ONLY", raising=False)  # look in the (empty) raw folder too
     monkeypatch.setattr("training.paths.RAW_DATA_DIR", raw)
     monkeypatch.setattr("training.paths.SHARED_DATA_DIR", tmp_path / "no-shared")
     monkeypatch.setattr(fetch_module, "RAW_DATA_DIR", raw)
@@ -35,8 +37,7 @@ def test_missing_data_names_the_fixing_command(empty_roots: Path) -> None:
 
 
 def test_import_from_local_folder_verifies_and_makes_it_findable(empty_roots: Path) -> None:
-    real = Path(__file__).resolve().parents[1]
-    folder = next(p for p in [real.parent / "shared/data", real / "data/samples"] if (p / "mnist").is_dir())
+    folder = DATA_ROOT  # the tier's own data: the committed samples, or the complete sets
     report = fetch_module.fetch("mnist", source=folder)
     assert "imported" in report
     assert (empty_roots / "mnist" / "train-images-idx3-ubyte.gz").is_file()
@@ -44,8 +45,7 @@ def test_import_from_local_folder_verifies_and_makes_it_findable(empty_roots: Pa
 
 
 def test_import_refuses_a_corrupt_idx_file(empty_roots: Path, tmp_path: Path) -> None:
-    real = Path(__file__).resolve().parents[1]
-    folder = next(p for p in [real.parent / "shared/data", real / "data/samples"] if (p / "mnist").is_dir())
+    folder = DATA_ROOT  # the tier's own data: the committed samples, or the complete sets
     bad = tmp_path / "bad" / "mnist"
     shutil.copytree(folder / "mnist", bad)
     data = gzip.decompress((bad / "t10k-labels-idx1-ubyte.gz").read_bytes())

@@ -11,6 +11,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -26,6 +27,7 @@ from serving.image_to_tensor import (
     to_dataset_frame,
 )
 from training.datasets.images import load_image_split
+from training.photographs import Shot, photograph
 
 DATASETS = ("mnist", "fashion-mnist")
 ORIENTATION = 0x0112  # the EXIF tag
@@ -169,30 +171,32 @@ def test_large_black_ink_on_transparency_equals_the_opaque_drawing(images: dict[
 
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_upscaled_jpeg_gives_a_frame_close_to_the_original(images: dict[str, np.ndarray], dataset: str) -> None:
-    """280×280 RGB JPEGs of 50 test images. Measured: MNIST 98% above 0.8, median 0.973;
-    Fashion-MNIST 100% above 0.8, median 0.960. The misses are 1-pixel centre-of-mass rounding."""
+    """280×280 RGB JPEGs of 50 test images. Measured: MNIST 94% above 0.8, median 0.93; Fashion-MNIST 100%,
+    median 0.945. The frame is rebuilt, not copied: digits thinner than 1.3 px get MNIST's stroke width
+    and ink is saturated, so a thin original differs from its frame by design (and the centre of mass
+    rounds to a whole pixel)."""
     scores = np.array([
         correlation(to_dataset_frame(decode_image(encode(upscale(p).convert("RGB"), "JPEG", quality=90)), dataset), p)
         for p in images[dataset]
     ])
-    assert np.mean(scores > 0.8) >= 0.9
-    assert np.median(scores) >= 0.95
+    assert np.mean(scores > 0.8) >= 0.85
+    assert np.median(scores) >= 0.9
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_dark_ink_photo_on_grey_paper_is_cropped_centred_and_inverted(
     images: dict[str, np.ndarray], dataset: str
 ) -> None:
-    """Small, off-centre, dark on grey paper. Measured: MNIST 96% above 0.8 (median 0.971), Fashion-MNIST
-    100% (median 0.972). Squashing the page to 28×28 instead scores a median near 0.1-0.3 on the same photos."""
+    """Small, off-centre, dark on grey paper. Measured: MNIST 92% above 0.8 (median 0.94), Fashion-MNIST
+    100% (median 0.95). Squashing the page to 28×28 instead scores a median near 0.1-0.3 on the same photos."""
     ours, naive = [], []
     for i, pixels in enumerate(images[dataset]):
         photo = on_paper(pixels, i)
         ours.append(correlation(to_dataset_frame(decode_image(encode(photo, "JPEG", quality=90)), dataset), pixels))
         squashed = 255 - np.asarray(photo.convert("L").resize((28, 28), Image.Resampling.LANCZOS))
         naive.append(correlation(squashed, pixels))
-    assert np.mean(np.array(ours) > 0.8) >= 0.9
-    assert np.median(ours) >= 0.95
+    assert np.mean(np.array(ours) > 0.8) >= 0.85
+    assert np.median(ours) >= 0.9
     assert np.median(naive) < 0.5  # the bound above is one only the rebuilt frame meets
 
 
@@ -213,6 +217,88 @@ def test_fashion_frame_fills_the_frame(images: dict[str, np.ndarray]) -> None:
         frame = to_dataset_frame(decode_image(encode(on_paper(pixels, i), "PNG")), "fashion-mnist")
         rows, cols = np.flatnonzero(frame.any(axis=1)), np.flatnonzero(frame.any(axis=0))
         assert max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 == 28
+
+
+def photo_frame(pixels: np.ndarray, shot: Shot, dataset: str = "mnist", seed: int = 0) -> np.ndarray:
+    """The frame served for a photo of ``pixels`` taken as ``shot`` (training/photographs.py renders it)."""
+    blob = photograph(pixels, shot, dataset == "mnist", np.random.default_rng(seed))
+    return to_dataset_frame(decode_image(blob), dataset)
+
+
+def stroke_width(frame: np.ndarray) -> float:
+    """Mean stroke width of a frame in pixels: 2 × area / outline of its half-ink mask, at 4× resolution
+    (3×3 erosion finds the outline). The same measure gives MNIST's training digits quartiles 1.67 / 1.97 / 2.32."""
+    big = (cv2.resize(frame, (112, 112), interpolation=cv2.INTER_LINEAR) > 127).astype(np.uint8)
+    outline = big & (1 - cv2.erode(big, np.ones((3, 3), np.uint8)))
+    return 2.0 * big.sum() / max(outline.sum(), 1) / 4
+
+
+@pytest.mark.parametrize(("table_level", "paper_level"), [(70, 235), (250, 170)], ids=["dark-table", "light-table"])
+def test_sheet_on_a_table_frames_the_digit_not_the_sheet(
+    images: dict[str, np.ndarray], table_level: int, paper_level: int
+) -> None:
+    """A tilted sheet on a table of another shade frames as the same sheet filling the photo would.
+
+    Measured over 30 digits: median correlation 0.97 (dark table) and 0.96 (light table). Searching the
+    whole photo instead (no sheet step) frames the sheet, its edge as content: median 0.31 and 0.48.
+    """
+    scores = []
+    for i, pixels in enumerate(images["mnist"][:30]):
+        on_table = photo_frame(pixels, Shot(table=True, table_level=table_level, paper_level=paper_level, tilt=8,
+                                            fmt="PNG"), seed=i)
+        alone = photo_frame(pixels, Shot(paper_level=paper_level, tilt=8, fmt="PNG"), seed=i)
+        scores.append(correlation(on_table, alone))
+    assert np.median(scores) >= 0.9, np.median(scores)
+
+
+def test_a_shadow_across_the_page_does_not_eat_the_digit(images: dict[str, np.ndarray]) -> None:
+    """Light falling off across the page and a shadow 45% deep: measured median correlation 0.90 with the
+    evenly lit photo's frame over 30 digits. With the paper's level taken as flat (the rim's median),
+    the shadow itself is ink: median 0.35."""
+    shadow = Shot(shadow=0.45, shadow_angle=0.5, shadow_at=0.45, gradient=(0.4, -0.3), fmt="PNG")
+    scores = [correlation(photo_frame(p, shadow), photo_frame(p, Shot(fmt="PNG"))) for p in images["mnist"][:30]]
+    assert np.median(scores) >= 0.85, np.median(scores)
+
+
+@pytest.mark.parametrize("pen", [0.4, 2.4], ids=["thin-pen", "thick-pen"])
+def test_stroke_width_is_brought_to_mnists(images: dict[str, np.ndarray], pen: float) -> None:
+    """MNIST's strokes are 1.7-2.3 px wide (quartiles); a hairline or a marker is brought into 1.3-3.0 px.
+    Without it: thin-pen frames measure about 1.2 px and thick-pen ones about 3.5 px (medians of 20)."""
+    widths = [stroke_width(photo_frame(p, Shot(pen=pen, fmt="PNG"))) for p in images["mnist"][:20]]
+    assert 1.3 <= np.median(widths) <= 3.0, widths
+
+
+def test_ruled_lines_are_not_the_digit(images: dict[str, np.ndarray]) -> None:
+    """A digit written on lined paper: lines across most of the photo (not touching its border, so only
+    their shape tells them from ink) are dropped as lines."""
+    scores = []
+    for i, pixels in enumerate(images["mnist"][:20]):
+        blob = photograph(pixels, Shot(fmt="PNG", paper_margin=0.6), True, np.random.default_rng(i))
+        photo = np.array(Image.open(io.BytesIO(blob)).convert("L"))
+        lined = photo.copy()
+        margin = lined.shape[1] // 25  # the ruling stops short of the photo's edge, as a notebook's does
+        for y in range(12, lined.shape[0], 38):
+            lined[y: y + 2, margin:-margin] = np.minimum(lined[y: y + 2, margin:-margin], 110)  # 38 px apart
+        scores.append(correlation(to_dataset_frame(lined, "mnist"), to_dataset_frame(photo, "mnist")))
+    assert np.median(scores) >= 0.9, np.median(scores)
+
+
+def test_a_small_subject_in_a_large_photo(images: dict[str, np.ndarray]) -> None:
+    """The digit is 90 px of a 1,900-px photo: it is found on the 384-px working copy but cut out of the
+    full-resolution photo. Measured: median correlation 0.98 with a plain photo's frame over 20 digits;
+    cut out of the working copy instead (22 px tall there), 0.86."""
+    scores = [correlation(photo_frame(p, Shot(subject_px=90, photo_scale=12, fmt="JPEG", quality=85)),
+                          photo_frame(p, Shot(fmt="PNG"))) for p in images["mnist"][:20]]
+    assert np.median(scores) >= 0.95, np.median(scores)
+
+
+def test_a_product_photo_on_white_fills_the_frame_centred(images: dict[str, np.ndarray]) -> None:
+    """Fashion: a product printed on paper on a darker table, tilted a little, framed as the data set was."""
+    for i, pixels in enumerate(images["fashion-mnist"][:20]):
+        frame = photo_frame(pixels, Shot(table=True, table_level=60, tilt=5, fmt="JPEG"), "fashion-mnist", i)
+        rows, cols = np.flatnonzero(frame.max(axis=1) > 40), np.flatnonzero(frame.max(axis=0) > 40)
+        assert max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 >= 26  # the product, not a speck or the sheet
+        assert correlation(frame, photo_frame(pixels, Shot(tilt=5, fmt="JPEG"), "fashion-mnist", i)) > 0.8
 
 
 def test_dim_light_on_dark_photo_is_stretched_to_full_white(images: dict[str, np.ndarray]) -> None:
@@ -290,7 +376,10 @@ def test_cmyk_jpeg(images: dict[str, np.ndarray]) -> None:
     pixels = images["mnist"][9]
     blob = encode(upscale(pixels).convert("CMYK"), "JPEG", quality=90)
     assert Image.open(io.BytesIO(blob)).mode == "CMYK"
-    assert correlation(to_dataset_frame(decode_image(blob), "mnist"), pixels) > 0.9
+    rgb = encode(upscale(pixels).convert("RGB"), "JPEG", quality=90)
+    # the same frame as the RGB JPEG's (the frame itself is checked against the data set above)
+    frame, rgb_frame = to_dataset_frame(decode_image(blob), "mnist"), to_dataset_frame(decode_image(rgb), "mnist")
+    assert correlation(frame, rgb_frame) > 0.98
 
 
 def test_one_bit_image(images: dict[str, np.ndarray]) -> None:

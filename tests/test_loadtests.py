@@ -1,7 +1,8 @@
 """The in-process runtime benchmark, run in its quick mode on the session's brief exported models.
 
 Only the shape of the result is checked (every requested cell present, every figure positive and
-finite): speed is measured and reported, never asserted.
+finite): speed is measured and reported, never asserted. A quick run writes its record only where
+``--record-dir`` says (never into docs/bench), and that record is sound.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from loadtests import records
 from training.bench import DEFAULT_MODELS, alternate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,13 +24,19 @@ FIGURES = ("median_ms", "p99_ms", "samples_per_s", "vs_eager", "spread")
 def test_quick_mode_fills_every_cell_with_positive_figures(exported: dict[str, dict], tmp_path: Path) -> None:
     names = {meta["name"] for meta in exported.values()}
     assert set(DEFAULT_MODELS) <= names, names
-    out, table = tmp_path / "bench.json", tmp_path / "bench.md"
+    out, table, record_dir = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "records"
+    committed = sorted((REPO / "docs" / "bench").glob("*.json"))
     proc = subprocess.run(
         [sys.executable, str(REPO / "loadtests" / "runtime_bench.py"), "--quick", "--batches", "1,8",
-         "--poem-batches", "1,4", "--json", str(out), "--markdown", str(table)],
+         "--poem-batches", "1,4", "--json", str(out), "--markdown", str(table), "--record-dir", str(record_dir)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted((REPO / "docs" / "bench").glob("*.json")) == committed
+    [record_file] = record_dir.glob("runtime-*.json")
+    record = json.loads(record_file.read_text())
+    assert records.validate(record) == [] and record["config"]["quick"] is True
+    assert len(record["result"]["cells"]) == len(json.loads(out.read_text())["cells"])
     result = json.loads(out.read_text())
     cells = result["cells"]
     runtimes = RUNTIMES | ({"ort-cuda"} if any(c["runtime"] == "ort-cuda" for c in cells) else set())

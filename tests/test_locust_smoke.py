@@ -1,7 +1,9 @@
 """The Locust load test, briefly, against a real server: every user class, malformed requests included.
 
 Checks that the locustfile works end to end (its exit code is its SLO verdict), not speed: the p95
-bounds are loosened tenfold because CI shares two slow cores between server and load generator.
+bounds are lifted (``DLBOOK_LT_P95_SCALE=inf``), so the verdict is about failures, silent endpoints
+and errors in the load test's own code. Latency is measured, with the default p95 bounds, by running
+``loadtests/locustfile.py`` itself (``loadtests/README.md``).
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ ENDPOINTS = ["/classify", "/classify_pixels", "/predict_price", "/generate_poem"
 
 @pytest.fixture(scope="module")
 def server(exported: dict[str, dict], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with serve("DlbookService", tmp_path_factory.mktemp("locust") / "server.log") as base:
+    # DLBOOK_MAX_QUEUE_MS=0: no shedding by event-loop lateness, which follows the machine's load, not the code
+    with serve("DlbookService", tmp_path_factory.mktemp("locust") / "server.log", DLBOOK_MAX_QUEUE_MS="0") as base:
         yield base
 
 
 def test_locust_run_meets_its_slos_on_every_endpoint(server: str, tmp_path: Path) -> None:
     prefix = tmp_path / "smoke"
-    env = {**os.environ, "DLBOOK_LT_MALFORMED_SHARE": "0.4", "DLBOOK_LT_P95_SCALE": "10",
+    env = {**os.environ, "DLBOOK_LT_MALFORMED_SHARE": "0.4", "DLBOOK_LT_P95_SCALE": "inf",
            "DLBOOK_LT_SERVICE": "all"}
     result = subprocess.run(
         [sys.executable, "-m", "locust", "-f", str(REPO / "loadtests" / "locustfile.py"), "--headless",

@@ -5,7 +5,8 @@ upload, a form, a streamed poem), checks what the page shows against the API's o
 same input, and saves a full-page screenshot to ``build/screenshots/`` for a human to look at.
 
 Needs Chromium (Debian: ``apt-get install -y chromium fonts-noto-cjk``) and the ``playwright`` Python
-package (a dev extra); its own browser download is never used. Without either the cases skip.
+package (a dev extra); its own browser download is never used. Without either the browser cases
+skip (through the ``browser`` fixture); the checks that need only HTTP run anyway.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import numpy as np
 import pytest
 from live_server import serve
 from PIL import Image
-from test_service import _check_form
+from test_service import STEADY, _check_form
 
 from training.datasets.images import load_image_split
 
-playwright_sync = pytest.importorskip(
-    "playwright.sync_api", reason="playwright is not installed: pip install -c constraints.txt -e '.[dev]'")
+try:
+    from playwright import sync_api as playwright_sync
+except ImportError:  # a dev extra: only the browser cases need it
+    playwright_sync = None
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOTS = REPO / "build" / "screenshots"
@@ -36,18 +39,20 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 API_KEY = "playground-key-7f3a"
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no Chromium on PATH (Debian: apt-get install -y chromium), nor DLBOOK_CHROMIUM set")
-
 
 @pytest.fixture(scope="module")
 def server(exported: dict[str, dict], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with serve("DlbookService", tmp_path_factory.mktemp("playground") / "server.log") as base:
+    with serve("DlbookService", tmp_path_factory.mktemp("playground") / "server.log", **STEADY) as base:
         yield base
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """Headless Chromium; every case that uses it (directly or through ``page``) skips without one."""
+    if playwright_sync is None:
+        pytest.skip("playwright is not installed: pip install -c constraints.txt -e '.[dev]'")
+    if CHROMIUM is None:
+        pytest.skip("no Chromium on PATH (Debian: apt-get install -y chromium), nor DLBOOK_CHROMIUM set")
     with playwright_sync.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
@@ -262,7 +267,7 @@ def test_a_keyed_single_task_service_asks_for_the_key_and_shows_its_panel(
     if not (is_open("/ui/") and is_open("/ui/app.js")):
         pytest.skip("serving/http_errors.py does not exempt /ui from the API key yet (OPEN_PATHS/OPEN_PAGES), "
                     "so a keyed service cannot serve the page")
-    with serve("PriceService", tmp_path / "server.log", DLBOOK_API_KEY=API_KEY,
+    with serve("PriceService", tmp_path / "server.log", DLBOOK_API_KEY=API_KEY, **STEADY,
                DLBOOK_PRICE_MODELS="house-price") as base:
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         page = context.new_page()

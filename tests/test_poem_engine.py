@@ -165,3 +165,30 @@ def test_a_cancelled_poem_leaves_the_batch(engine_parts) -> None:
 
     assert len(asyncio.run(asyncio.wait_for(run(), timeout=60))) == 64
     assert engine._live == {}
+
+
+def test_sigterm_to_the_decoding_process_does_not_end_the_poems_in_flight(exported: dict[str, dict]) -> None:
+    """BentoML's process manager sends SIGTERM to a worker's children when the server drains: the
+    decoding process leaves the drain to the server (it ends when its input closes), so a poem being
+    written when the signal lands is finished whole."""
+    import os
+    import signal
+
+    engine, vocab = _engine(exported)
+    proc = engine._decoder.proc
+    pid = proc.pid
+
+    async def run() -> str:
+        chars = []
+        async for chunk in engine.chunks(_samplers(vocab, 1, seed=41)[0], every_s=0.0):
+            if not chars:
+                os.kill(pid, signal.SIGTERM)  # mid-poem, as during a graceful shutdown
+            chars.extend(chunk)
+        return "".join(chars)
+
+    try:
+        poem = asyncio.run(asyncio.wait_for(run(), timeout=60))
+        assert len(poem) == 64 and engine._decoder.proc is proc and proc.poll() is None
+    finally:
+        engine.stop()
+    assert proc.poll() is not None  # closing its input still ends it

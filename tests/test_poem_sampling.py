@@ -121,8 +121,8 @@ def test_same_seed_same_poem_and_exact_form(vocab: Vocabulary) -> None:
     assert len(poem) == 64 and poem[7] == "，" and poem[15] == "。" and poem[-1] == "。"
 
 
-@pytest.mark.parametrize("bad", [{"temperature": 0.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1},
-                                 {"repetition_penalty": 0.5}, {"temperature": float("nan")}])
+@pytest.mark.parametrize("bad", [{"temperature": -0.1}, {"temperature": 5.01}, {"top_p": 0.0}, {"top_p": 1.5},
+                                 {"top_k": -1}, {"repetition_penalty": 0.5}, {"temperature": float("nan")}])
 def test_sampling_parameters_out_of_range(bad: dict) -> None:
     with pytest.raises(PoemRequestError):
         SamplingParams(**bad)

@@ -1,4 +1,5 @@
-"""Command line: ``python -m training {fetch,train,presets,summary,report,export,quantize-report,up}``."""
+"""Command line: ``python -m training COMMAND``: fetch, train, presets, summary, report, house-eval, export,
+quantize-report, robustness, up."""
 
 from __future__ import annotations
 
@@ -60,10 +61,20 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from training.report import write_report
+    from training.report import write_record, write_report
 
-    print(f"wrote {write_report(Path(args.output))}")
+    for source in args.record or []:
+        print(f"recorded {write_record(source)}")
+    print(f"wrote {write_report(Path(args.output), record_runs=not args.no_record_runs)}")
     return 0
+
+
+def _cmd_house_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from training.house_eval import main as house_eval
+
+    return house_eval(args.run, args.retrain, Path(args.record), Path(args.results))
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -107,6 +118,17 @@ def _cmd_quantize_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_robustness(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from training.robustness import main
+
+    models = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else None
+    records = main(args.url, args.count, args.seed, models, Path(args.records), Path(args.output),
+                   write=not args.no_write)
+    return 0 if records else 1
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from training.quickstart import quickstart
 
@@ -144,9 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="fetch again even if the data is present")
     p.set_defaults(func=_cmd_fetch)
 
-    p = sub.add_parser("report", help="write docs/RESULTS.md from the finished runs")
+    p = sub.add_parser("report", help="record finished runs in docs/records/, then write docs/RESULTS.md from them")
     p.add_argument("--output", default="docs/RESULTS.md")
+    p.add_argument("--record", nargs="+", metavar="RUN",
+                   help="record these first: run folder names under runs/, or training logs (docs/training-logs/*.log)")
+    p.add_argument("--no-record-runs", action="store_true",
+                   help="do not record the finished full-profile runs under runs/ (report from docs/records/ as is)")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("house-eval", help="house prices from partial records (5, 10, 20, all fields) and the "
+                                          "price range's coverage on the holdout → docs/RESULTS.md")
+    p.add_argument("--run", help="run folder under runs/ (default: price_mlp-default-house-prices, trained "
+                                 "first when missing)")
+    p.add_argument("--retrain", action="store_true", help="train the default run again first")
+    p.add_argument("--record", default="docs/records/house-eval.json")
+    p.add_argument("--results", default="docs/RESULTS.md")
+    p.set_defaults(func=_cmd_house_eval)
 
     p = sub.add_parser("export", help="ONNX + TorchScript with parity checks, into the BentoML model store")
     p.add_argument("runs", nargs="+", help="run folder names under runs/, or 'all'")
@@ -165,6 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="docs/QUANTIZATION.md")
     p.add_argument("--json", help="also write every figure here")
     p.set_defaults(func=_cmd_quantize_report)
+
+    p = sub.add_parser("robustness", help="served image models on MNIST-C and photographed test images "
+                                          "→ docs/records/robustness-*.json and docs/RESULTS.md")
+    p.add_argument("--url", help="a running service (default: start ImageService on a free local port)")
+    p.add_argument("--models", help="comma-separated model names (default: every served image model)")
+    p.add_argument("--count", type=int, default=200, help="test images per condition")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--records", default="docs/records")
+    p.add_argument("--output", default="docs/RESULTS.md")
+    p.add_argument("--no-write", action="store_true", help="print the figures only")
+    p.set_defaults(func=_cmd_robustness)
 
     p = sub.add_parser("up", help="get data, train what is missing, then serve (the README's first command)")
     p.add_argument("--profile", choices=["quick", "full"], default="quick")

@@ -300,6 +300,8 @@ def export_run(run_dir: Path, name: str | None = None, store: bool = True, int8:
             "preprocessing": saved["preprocessing"],
             "io": _io_spec(spec, work / "model.onnx"),
             "training": {k: v for k, v in summary.items() if k != "history"},
+            # Which trained weights these are: ``./dlbook up`` re-exports when the store's copy differs.
+            "source": {"run": run_dir.name, "model_sha256": sha256_file(run_dir / "model.pt")},
             "parity": {**parity, "tolerance": TOLERANCE,
                        "samples": "50 carried steps of held-out poems" if spec.steps else
                        f"{len(next(iter(spec.inputs.values())))} real held-out samples"},

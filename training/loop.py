@@ -62,6 +62,14 @@ def make_scheduler(phase: Phase, optimizer: torch.optim.Optimizer, total_steps: 
                    ) -> torch.optim.lr_scheduler.LambdaLR:
     if phase.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if phase.schedule == "cosine" and phase.warmup:
+        # linear warmup over the phase's first ``warmup`` fraction of steps, then cosine to zero
+        warmup = max(1, round(phase.warmup * total_steps))
+        decay = max(1, total_steps - warmup)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: (step + 1) / warmup if step < warmup
+            else 0.5 * (1 + math.cos(math.pi * min(step - warmup, decay) / decay))
+        )
     if phase.schedule == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))

@@ -2,6 +2,8 @@
 
 Data is looked up, in order, in ``$DLBOOK_DATA``, ``data/raw`` (where ``fetch`` puts it) and the
 ``../shared/data`` folder beside a development checkout (found automatically, as CI does).
+``DLBOOK_DATA_ONLY=1`` looks in ``$DLBOOK_DATA`` alone: the test suite's samples tier uses it to prove
+that a fresh clone, with no full data set anywhere, passes on the committed samples.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ def data_roots() -> list[Path]:
     roots = []
     if os.environ.get("DLBOOK_DATA"):
         roots.append(Path(os.environ["DLBOOK_DATA"]))
+        if os.environ.get("DLBOOK_DATA_ONLY") == "1":
+            return roots
     roots += [RAW_DATA_DIR, SHARED_DATA_DIR]
     return roots
 

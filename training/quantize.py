@@ -1,21 +1,44 @@
-"""Dynamic int8 quantisation of an exported ONNX model, kept only when it is faster and as good.
+"""Int8 quantisation of an exported ONNX model, kept only when it is faster and as good.
 
-``quantize_dynamic`` (ONNX Runtime) stores weights as int8 once and quantises activations on the fly
-per call, so it needs no calibration data. What it touches here, and why:
+The default scheme (``DEFAULT_SCHEME``) is ONNX Runtime's dynamic quantisation (``quantize_dynamic``)
+with ``reduce_range``: weights stored once as int8 in [-64, 64] per output channel, activations
+quantised to uint8 on the fly per call, no calibration data. What it touches here, and why:
 - ``MatMul`` and ``Gemm``: the dynamo exporter writes ``nn.Linear`` as ``Gemm``, which ORT's
   integer-op quantiser skips, so a ``Gemm`` with constant weights is first rewritten as the
-  equivalent ``MatMul`` + ``Add`` (``gemm_as_matmul``); weights are quantised per output channel.
+  equivalent ``MatMul`` + ``Add`` (``gemm_as_matmul``).
 - ``Gather``: the poem model's embedding table.
-- ``Conv`` stays float: ORT's ``ConvInteger`` has no fast CPU kernel (with int8 convolutions LeNet
-  went from 3.7 to 36 ms at batch 64 and 0.13 to 0.73 ms at batch 1 on the project's 2-core CPU),
-  and ``GRU`` stays float because ORT has no dynamic int8 GRU.
+- ``Conv`` stays float: ORT's ``ConvInteger`` has no fast CPU kernel (``python -m training
+  quantize-report`` times LeNet with int8 convolutions on every run and writes the figure into
+  docs/QUANTIZATION.md), and ``GRU`` stays float because ORT has no dynamic int8 GRU.
+
+Why 7-bit weights (issue 18). ORT multiplies uint8 activations by int8 weights. With VNNI
+(``vpdpbusd``) or AMX the integer product is exact. On AVX2 (and AVX-512BW) without VNNI it runs on
+``vpmaddubsw``, which adds two uint8·int8 products into int16 and saturates: 8-bit weights reach
+2·255·127 = 64,770 > 32,767, so the same int8 graph gives other logits there (the suite's brief digit
+MLP: max abs 0.59 instead of 0.010, 11 of 500 test images lost, under ``qemu-x86_64 -cpu EPYC-Milan``;
+0.84 on the AMD EPYC of the issue). Weights in [-64, 64] keep every pair within 2·255·64 = 32,640, so
+the product is exact on every x86 CPU and the graph gives the same numbers everywhere. Measured on
+every model against the alternatives (``SCHEMES``; records ``docs/bench/int8-schemes-*.json``, written
+by ``python -m training.quantize_report schemes``, natively on a VNNI + AMX Xeon and emulated on an
+AVX2-only EPYC):
+- ``u8s8`` (8-bit, the setting before): the most faithful where the product is exact, but its error
+  grows up to 60× where it saturates. Ruled out: the decision taken on one CPU would not hold on another.
+- ``u8u8`` (uint8 weights): exact everywhere too (ORT widens to int16 first) and 8-bit faithful, but
+  at batch 64 on the VNNI/AMX CPU usually the slowest dynamic scheme, often slower than float.
+- static QDQ (``qdq-u8s8``, ``qdq-s8s8``, 256 training rows to calibrate): outputs 9-50× further from
+  float (activation ranges fixed in advance), and their error also grows where u8×s8 saturates.
+- ``u8s8-reduce-range``: exact everywhere, the same kernels and speed as ``u8s8``; the cost is one weight
+  bit (max abs about 1.5-2× ``u8s8``'s), which kept every model's metric within ``Tolerance`` on the
+  full data. ``training.quantize_report.pick_scheme`` states the rule, and a test checks that the
+  committed records pick this default. Speed on an AVX2-only CPU was not measured (none reachable).
 
 The int8 model is judged on the held-out data behind each model's float metric (official test split,
 house holdout, held-out poems) and timed against the float model in alternated rounds on ORT's CPU
 provider. ``decide`` keeps it only when it is faster at every timed batch size and its quality moved
-less than ``Tolerance``; otherwise float stays the only model.
+less than ``Tolerance``; otherwise float stays the only model. The report records the CPU it decided
+on (``serving.int8_guard.cpu_record``) and a check batch, which serving uses to re-verify the int8
+graph on a CPU unlike that one (``serving.int8_guard.choose_graph``).
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -31,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from serving.artifacts import sha256_file
+from serving.int8_guard import CHECK_ROWS, cpu_record, make_check
 from serving.runtime import OnnxModel, RuntimeConfig
 from training.bench import (
     alternate,
@@ -100,24 +124,128 @@ def _quiet() -> Iterator[None]:
         logging.disable(previous)
 
 
-def quantize_file(source: Path, target: Path) -> dict[str, Any]:
-    """Write the dynamic int8 form of ``source`` to ``target``; what was quantised, and the sizes."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+@dataclass(frozen=True)
+class Scheme:
+    """One way to quantise: dynamic (activations quantised per call) or static QDQ (activation ranges
+    calibrated once on training data); the integer types; 7-bit weights (``reduce_range``) or 8."""
 
+    name: str
+    weight_type: str = "int8"  # "int8" or "uint8"
+    reduce_range: bool = False
+    static: bool = False
+    activation_type: str = "uint8"  # static only: dynamic quantisation always makes uint8 activations
+    summary: str = ""
+
+
+SCHEMES = {s.name: s for s in (
+    Scheme("u8s8", summary="dynamic, uint8 activations × int8 weights (8-bit): the setting before issue 18"),
+    Scheme("u8s8-reduce-range", reduce_range=True,
+           summary="dynamic, uint8 activations × 7-bit int8 weights (reduce_range)"),
+    Scheme("u8u8", weight_type="uint8", summary="dynamic, uint8 activations × uint8 weights"),
+    Scheme("qdq-u8s8", static=True, summary="static QDQ, uint8 activations × int8 weights, ranges calibrated "
+                                            f"on {256} training rows"),
+    Scheme("qdq-s8s8", static=True, activation_type="int8",
+           summary=f"static QDQ, int8 activations × int8 weights (ORT's static default), {256} calibration rows"),
+)}
+DEFAULT_SCHEME = "u8s8-reduce-range"
+CALIBRATION_ROWS = 256
+
+
+def _calibration_feeds(meta: dict[str, Any], float_path: Path, rows: int = CALIBRATION_ROWS
+                       ) -> list[dict[str, np.ndarray]]:
+    """Feeds from the *training* data (never the held-out data the int8 graph is judged on), in
+    batches of 32: images and house records as serving encodes them, poem steps mid-poem with the
+    float graph's carried state."""
+    from training.bench import POEM_PREFILL
+
+    batch = 32
+    if meta["task"] == "image":
+        from training.datasets.images import load_image_split
+
+        frames = load_image_split(meta["training"]["dataset"], "train").images
+        picks = np.random.default_rng(0).choice(len(frames), size=min(rows, len(frames)), replace=False)
+        return [image_inputs(meta, frames[np.sort(picks[i: i + batch])]) for i in range(0, len(picks), batch)]
+    if meta["task"] == "price":
+        from training.datasets.house import holdout_split, load_house_train
+
+        table = load_house_train()
+        train_idx, _ = holdout_split(len(table.records))
+        picks = train_idx[:rows]
+        return [house_inputs(meta, [table.records[i] for i in picks[j: j + batch]])
+                for j in range(0, len(picks), batch)]
+    from preprocessing import Vocabulary
+    from training.datasets.poems import heldout_split, load_corpus
+
+    vocab = Vocabulary.from_dict(meta["preprocessing"]["vocab"])
+    poems = load_corpus(meta["training"]["dataset"])
+    train_idx, _ = heldout_split(len(poems))
+    seqs = [s for s in (vocab.encode(poems[i], bos=True) for i in train_idx[: 4 * rows]) if len(s) > POEM_PREFILL]
+    seqs = seqs[:rows]
+    step = OnnxModel(float_path, cpu_runtime(1)).run
+    feeds = []
+    for j in range(0, len(seqs), batch):
+        tokens = np.array([s[: POEM_PREFILL + 1] for s in seqs[j: j + batch]], np.int64)
+        state = zero_state(meta, len(tokens))
+        for t in range(POEM_PREFILL + 1):  # every step's token and state: early and mid-poem ranges
+            feeds.append({"token": np.ascontiguousarray(tokens[:, t]), **state})
+            out = step(feeds[-1])
+            state = dict(zip(state, out[1:], strict=True))
+    return feeds
+
+
+def quantize_file(source: Path, target: Path, scheme: str = DEFAULT_SCHEME, meta: dict[str, Any] | None = None,
+                  ops: tuple[str, ...] = QUANTIZED_OPS) -> dict[str, Any]:
+    """Write the int8 form of ``source`` to ``target`` by ``scheme`` (static schemes need ``meta`` to
+    find the calibration data); what was quantised, and the sizes. ``ops`` other than the default
+    only for trials (the report's int8 ``Conv`` timing)."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    chosen = SCHEMES[scheme]
+    qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     model = onnx.load(str(source))
     gemms = gemm_as_matmul(model)
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         staged = Path(tmp) / "staged.onnx"
         onnx.save(model, str(staged))
-        quantize_dynamic(staged, target, op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True,
-                         weight_type=QuantType.QInt8)
-    ops = [n.op_type for n in onnx.load(str(target)).graph.node]
-    return {"method": "onnxruntime.quantization.quantize_dynamic, int8 weights per channel, "
-                      "int8 activations quantised per call",
-            "ops": list(QUANTIZED_OPS), "gemm_rewritten_as_matmul": gemms,
-            "integer_matmuls": ops.count("MatMulInteger"),
+        if chosen.static:
+            if meta is None:
+                raise ValueError(f"{scheme}: static quantisation needs the model's meta for its calibration data")
+            feeds = _calibration_feeds(meta, source)
+
+            class Reader(CalibrationDataReader):
+                def __init__(self) -> None:
+                    self.pending = iter(feeds)
+
+                def get_next(self) -> dict[str, np.ndarray] | None:
+                    return next(self.pending, None)
+
+            quantize_static(staged, target, Reader(), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(ops), per_channel=True,
+                            reduce_range=chosen.reduce_range, activation_type=qtype[chosen.activation_type],
+                            weight_type=qtype[chosen.weight_type])
+        else:
+            quantize_dynamic(staged, target, op_types_to_quantize=list(ops), per_channel=True,
+                             reduce_range=chosen.reduce_range, weight_type=qtype[chosen.weight_type])
+    return {"scheme": scheme, "method": chosen.summary,
+            "ops": list(ops), "gemm_rewritten_as_matmul": gemms,
+            "integer_matmuls": _integer_matmuls(onnx.load(str(target))),
             "bytes": {"float": source.stat().st_size, "int8": target.stat().st_size}}
+
+
+def _integer_matmuls(model: Any) -> int:
+    """MatMuls that run on integers: ``MatMulInteger`` (dynamic), or a ``MatMul`` whose constant
+    weight comes through a ``DequantizeLinear`` (static QDQ, which ORT fuses into an integer kernel)."""
+    nodes = model.graph.node
+    dequantized = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear"}
+    return sum(1 for n in nodes if n.op_type == "MatMulInteger"
+               or (n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in dequantized))
 
 
 # ----- quality on the held-out data behind each float metric ----------------------------------------
@@ -257,13 +385,19 @@ def measure_speed(float_model: OnnxModel, int8_model: OnnxModel, meta: dict[str,
     return speed
 
 
-def quantization_report(onnx_path: Path, meta: dict[str, Any], target: Path, rounds: int = 5,
-                        seconds: float = 0.3, tol: Tolerance = Tolerance(), threads: int | None = None
-                        ) -> dict[str, Any]:
-    """Quantise ``onnx_path`` into ``target``, score and time both, and decide; a JSON-able report."""
-    import onnxruntime as ort
+def check_batch(float_model: OnnxModel, int8_model: OnnxModel, meta: dict[str, Any]) -> dict[str, Any]:
+    """``CHECK_ROWS`` real held-out inputs with the float outputs and the int8 error on this CPU, for
+    serving to re-verify the int8 graph on a CPU unlike this one (``serving.int8_guard``)."""
+    feeds = model_inputs(meta, CHECK_ROWS, float_model.run if meta["task"] == "poem" else None)
+    return make_check(feeds, float_model.run(feeds), int8_model.run(feeds), float_model.output_names)
 
-    info = quantize_file(onnx_path, target)
+
+def quantization_report(onnx_path: Path, meta: dict[str, Any], target: Path, rounds: int = 5,
+                        seconds: float = 0.3, tol: Tolerance = Tolerance(), threads: int | None = None,
+                        scheme: str = DEFAULT_SCHEME) -> dict[str, Any]:
+    """Quantise ``onnx_path`` into ``target``, score and time both, and decide; a JSON-able report
+    with the CPU the decision was made on and the check batch serving re-verifies it with."""
+    info = quantize_file(onnx_path, target, scheme, meta)
     runtime = cpu_runtime(threads)
     float_model, int8_model = OnnxModel(onnx_path, runtime), OnnxModel(target, runtime)
     probe = model_inputs(meta, 64, float_model.run if meta["task"] == "poem" else None)
@@ -274,18 +408,21 @@ def quantization_report(onnx_path: Path, meta: dict[str, Any], target: Path, rou
     change, _, unit = quality_change(meta["task"], float_q[metric], int8_q[metric], tol)
     decision = decide(meta["task"], float_q[metric], int8_q[metric],
                       {int(b): s["speedup"] for b, s in speed.items()}, tol)
+    cpu = cpu_record()
     return {
-        **info, "onnxruntime": ort.__version__, "threads": runtime.intra_op_threads, "rounds": rounds,
+        **info, "onnxruntime": cpu["onnxruntime"], "threads": runtime.intra_op_threads, "rounds": rounds,
+        "cpu": cpu,
         "max_abs_diff_first_output": max_abs,
         "speed": speed,
         "quality": {"metric": metric, "float": float_q, "int8": int8_q, "change": change, "change_unit": unit},
         "decision": {"keep": decision.keep, "reasons": decision.reasons, "tolerance": dataclasses.asdict(tol)},
+        "check": check_batch(float_model, int8_model, meta),
     }
 
 
 def quantize_for_export(folder: Path, meta: dict[str, Any], rounds: int = 5) -> dict[str, Any]:
     """Export's ``--int8``: leave ``model.int8.onnx`` in ``folder`` only if ``decide`` keeps it; the
-    report (with the file's sha256 when kept) goes into meta.json either way."""
+    report (with the file's sha256, the CPU and the check batch) goes into meta.json either way."""
     target = folder / INT8_FILE
     report = quantization_report(folder / "model.onnx", meta, target, rounds=rounds)
     if report["decision"]["keep"]:
@@ -293,4 +430,5 @@ def quantize_for_export(folder: Path, meta: dict[str, Any], rounds: int = 5) -> 
         report["sha256"] = sha256_file(target)
     else:
         target.unlink()
+        del report["check"]  # nothing to re-verify
     return report

@@ -1,4 +1,5 @@
-"""Every trainable preset: the textbooks' recipes (``RECIPES.md``) and our stronger defaults.
+"""Every trainable preset: the textbooks' recipes (``../shared/RECIPES.md`` beside a development
+checkout; the books' figures beside ours in ``docs/RESULTS.md``) and our stronger defaults.
 
 A recipe is data, not code: which architecture and config, which data, how pixels are scaled, the
 optimiser phases, batch size and stopping rule. ``python -m training train ARCH --preset NAME``
@@ -24,6 +25,7 @@ class Phase:
     momentum: float = 0.0
     weight_decay: float = 0.0
     schedule: str = "constant"  # constant | cosine (over the phase's steps)
+    warmup: float = 0.0  # cosine only: linear warmup over this fraction of the phase's steps first
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,10 @@ class Recipe:
     scaling: PixelScaling | None = None
     patience: int | None = None  # early stopping on the validation metric; None trains every epoch
     max_steps: int | None = None  # stop after this many optimiser steps (the 尚硅谷 TwoLayerNet recipe)
-    augment: str = "none"  # none | shift | shift_flip  (images)
+    augment: str = "none"  # none | shift | shift_flip | robust  (images; training/tasks/image.py AUGMENTATIONS)
+    # The quick profile's budget where this recipe needs another than its task's (training/train.py QUICK):
+    # "limit" and "epochs", and any other key replaces that field of the recipe for the quick profile
+    quick: dict[str, Any] = field(default_factory=dict)
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     log_skewed: bool = False  # price: log1p skewed numeric columns
@@ -131,8 +136,9 @@ _add(Recipe(
     "mlp", "default", "image", ("mnist", "fashion-mnist"),
     MLPConfig(hidden=(1024, 512), dropout=(0.3, 0.3), batch_norm=True),
     (Phase(30, "adamw", 1e-3, weight_decay=1e-4, schedule="cosine"),), 128, "ours",
-    patience=8, augment="shift", label_smoothing=0.05,
-    notes="784-1024-512-10 BN-ReLU-dropout, Normalize fitted on train, AdamW + cosine, ±2 px shifts.",
+    patience=8, augment="robust", label_smoothing=0.05,
+    notes="784-1024-512-10 BN-ReLU-dropout, Normalize fitted on train, AdamW + cosine; augmented on the fly "
+          "(rotation, scale, shear, shift, elastic, stroke thickness, blur, noise; flips for clothes).",
 ))
 _add(Recipe(
     "lenet", "book", "image", ("fashion-mnist", "mnist"),
@@ -146,9 +152,10 @@ _add(Recipe(
     "lenet", "default", "image", ("fashion-mnist", "mnist"),
     LeNetConfig(),
     (Phase(30, "adamw", 2e-3, weight_decay=5e-4, schedule="cosine"),), 128, "ours",
-    patience=8, augment="shift_flip", label_smoothing=0.05,
+    patience=8, augment="robust", label_smoothing=0.05, quick={"limit": None, "epochs": 4},
     notes="LeNet shape with 32/64 channels, BatchNorm, ReLU, MaxPool, dropout 0.3; AdamW + cosine; "
-          "±2 px shifts and (clothes only) horizontal flips.",
+          "augmented on the fly (rotation, scale, shear, shift, elastic, stroke thickness, blur, noise; "
+          "horizontal flips for clothes only). Quick profile: every training image, 4 epochs.",
 ))
 
 # ---- house prices ------------------------------------------------------------------------
@@ -182,6 +189,17 @@ _add(Recipe(
     PoemRNNConfig(embedding_dim=256, hidden_size=512, num_layers=2, cell="gru", dropout=0.25),
     (Phase(20, "adamw", 2e-3, weight_decay=1e-2, schedule="cosine"),), 128, "ours",
     patience=3, grad_clip=1.0, min_count=2,
+    quick={
+        # What `./dlbook up` trains on a CPU: about 3 minutes on 2 cores (docs/TRAINING.md, "The quick
+        # poem profile"). One pass costs the softmax over the vocabulary for every character, so the
+        # model is small; a high peak learning rate is what makes its 314 steps count.
+        "limit": 10_000, "epochs": 2,
+        "config": PoemRNNConfig(embedding_dim=128, hidden_size=256, num_layers=1, cell="gru", dropout=0.0),
+        "phases": (Phase(2, "adamw", 1e-2, weight_decay=1e-2, schedule="cosine", warmup=0.05),),
+        "batch_size": 64,
+        "notes": "Quick profile: GRU 1 × 256 (embedding 128, no dropout) on the first 10,000 training poems of "
+                 "the regular 全唐诗, 2 epochs of batch 64, AdamW 1e-2 with 5% linear warmup then cosine.",
+    },
     notes="GRU 2 × 512 on whole regular poems of the simplified 全唐诗 with <bos>/<eos>, AdamW + cosine.",
 ))
 

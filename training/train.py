@@ -21,6 +21,7 @@ from models import build_model, config_to_dict, count_parameters
 from training.datasets.house import load_house_train
 from training.datasets.images import LABELS, load_image_split
 from training.datasets.poems import load_corpus
+from training.datasets.provenance import describe_training_data
 from training.loop import fit
 from training.paths import runs_dir
 from training.plots import plot_history
@@ -70,7 +71,9 @@ def _resolve(options: TrainOptions) -> tuple[Recipe, str, int | None]:
         raise ValueError(f"{recipe.name} trains on {list(recipe.datasets)}, not {dataset!r}")
     limit, epochs = options.limit, options.epochs
     if options.profile == "quick":
-        quick = QUICK[recipe.task]
+        quick = {**QUICK[recipe.task], **recipe.quick}  # a recipe may set its own quick budget
+        # ... and its own fields for it (poem_rnn default: a smaller model and schedule for 2 CPU cores)
+        recipe = replace(recipe, **{k: v for k, v in recipe.quick.items() if k not in ("limit", "epochs")})
         limit = limit or quick.get("limit")
         epochs = min(epochs or recipe.epochs, quick["epochs"])
     elif options.profile != "full":
@@ -122,6 +125,10 @@ def train(options: TrainOptions) -> dict[str, Any]:
     print(f"training {recipe.name} on {dataset} ({options.profile} profile, {recipe.epochs} epochs max, "
           f"{count_parameters(model):,} parameters, device {device})")
     result = fit(model, task, recipe, run_dir, generator, resume=options.resume, progress=options.progress)
+    calibration = None
+    if recipe.task == "price":  # imputation of omitted fields and the price range, from the training part
+        calibration = task.calibrate(recipe, config, max(result.best_epoch, 1), options.seed)
+        preprocessing["features"] = task.spec.to_dict()
     began = time.perf_counter()
     test = task.evaluate(model)
     summary = {
@@ -133,6 +140,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
         "profile": options.profile,
         "seed": options.seed,
         "limit": limit,
+        "data": describe_training_data(dataset),
         "test": test,
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
@@ -149,6 +157,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
         else None,
         "history": result.history,
     }
+    if calibration is not None:
+        summary["calibration"] = calibration
     torch.save(
         {"format": 1, "architecture": recipe.architecture, "config": config_to_dict(config),
          "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},

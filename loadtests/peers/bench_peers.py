@@ -1,6 +1,6 @@
 """Peers: our service against Triton (PyTriton) and TorchServe, same model, same image, same load, same run.
 
-    python loadtests/peers/bench_peers.py --rounds 2 --duration 15 --json /tmp/peers.json
+    python loadtests/peers/bench_peers.py --rounds 2 --duration 12 --threads 1 [--env DLBOOK_WORKERS=2]
 
 What runs, side by side on 127.0.0.1 (an idle server costs next to nothing):
 
@@ -27,16 +27,15 @@ c=32. The servers start and stop inside an exclusive lock on ``/tmp/dlbook-bench
 ``flock(1)`` takes), so this never overlaps another benchmark; it waits for the lock if needed.
 
 The peers' virtualenvs are built on first use under ``loadtests/peers/.venvs/`` (a few minutes, about
-1.4 GB; see :mod:`loadtests.peers.venvs`) and reused after.
+1.4 GB; see :mod:`loadtests.peers.venvs`) and reused after. Each invocation writes its record to
+``docs/bench/`` (``--record-dir``; see :mod:`loadtests.records`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
-import os
 import platform
 import signal
 import statistics
@@ -45,19 +44,19 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from loadtests import records  # noqa: E402
 from loadtests.loadgen import HttpRequest, LoadResult, run_wrk  # noqa: E402
 from loadtests.peers import venvs  # noqa: E402
 from loadtests.peers.peer_servers import torchserve_service, triton_service, whole_group  # noqa: E402
 from loadtests.servers import bare_service, bentoml_service, cpu_seconds  # noqa: E402
 
-LOCK = Path("/tmp/dlbook-bench.lock")
+LOCK = records.LOCK
 TOLERANCE = 1e-4  # the export's own ORT/TorchScript parity tolerance (meta.json "parity")
 SERVERS = ("ours", "bare", "triton", "torchserve")
 TARGETS = (  # (peer, concurrency, ours/peer req/s at least)
@@ -124,58 +123,6 @@ def verify(servers: dict[str, str], images: np.ndarray, model: str) -> dict[str,
             if max(answer, key=answer.get) != best or diff > TOLERANCE:
                 raise RuntimeError(f"{name} disagrees with ours on test image {i}: ours {reference}, {name} {answer}")
     return worst
-
-
-def _held_by_ancestor(path: Path) -> bool:
-    """Whether a flock on ``path`` is held by this process or one of its ancestors (e.g. ``flock(1)``).
-
-    Run as ``flock /tmp/dlbook-bench.lock python bench_peers.py``, the lock is already ours; taking it
-    again through a new open file would wait forever on our own parent. /proc/locks names the holder.
-    """
-    try:
-        st = path.stat()
-        locks = Path("/proc/locks").read_text().splitlines()
-    except OSError:
-        return False
-    ancestors, pid = set(), os.getpid()
-    while pid > 1 and pid not in ancestors:
-        ancestors.add(pid)
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    for line in locks:
-        fields = line.split()
-        if len(fields) < 6 or fields[1] != "FLOCK" or not fields[4].isdigit():
-            continue
-        inode = fields[5].rsplit(":", 1)[-1]
-        if inode.isdigit() and int(inode) == st.st_ino and int(fields[4]) in ancestors:
-            return True
-    return False
-
-
-@contextlib.contextmanager
-def bench_lock() -> Iterator[None]:
-    """Exclusive flock on /tmp/dlbook-bench.lock, as ``flock /tmp/dlbook-bench.lock CMD`` takes it.
-
-    Already held by an ancestor (the run was wrapped in ``flock``): nothing to take.
-    """
-    if _held_by_ancestor(LOCK):
-        print(f"{LOCK} is already held by a parent process (flock); going on under it", flush=True)
-        yield
-        return
-    with open(LOCK, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for {LOCK} (another benchmark is running) ...", flush=True)
-            began = time.monotonic()
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            print(f"  got it after {time.monotonic() - began:.0f} s", flush=True)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _med(cells: list[LoadResult], key: str) -> float:
@@ -246,6 +193,13 @@ def versions(servers: dict[str, str], envs: dict[str, venvs.PeerEnv]) -> dict[st
     return found
 
 
+def record_result(summary: dict, found: dict, setup: dict, worst: dict[str, float], payload_bytes: dict[str, int],
+                  model_version: str) -> dict:
+    """What a peers record keeps: the summary (cells with per-round req/s, ratios), what ran, setup cost."""
+    return {"summary": summary, "versions": found, "setup": setup, "verify_max_abs_diff": worst,
+            "payload_bytes": payload_bytes, "model_version": model_version}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="fashion-lenet")
@@ -262,7 +216,9 @@ def main() -> None:
     parser.add_argument("--verify-images", type=int, default=16, help="test images every server must agree on")
     parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE", help="more settings for our service")
     parser.add_argument("--json", type=Path, help="write settings, versions, setup cost, every cell and the summary")
+    records.add_arguments(parser)
     args = parser.parse_args()
+    recording = records.begin("peers", args)
     # `kill` (SIGTERM) unwinds the with-blocks like Ctrl-C does, so every server group is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -279,7 +235,8 @@ def main() -> None:
     startup: dict[str, float] = {}
     results: dict[tuple[str, int], list[LoadResult]] = {}
 
-    with bench_lock(), contextlib.ExitStack() as stack:
+    with records.bench_lock(), contextlib.ExitStack() as stack:
+        recording.lock_held = True
         def start(name: str, server) -> str:
             began = time.monotonic()
             base = stack.enter_context(whole_group(server))
@@ -329,8 +286,10 @@ def main() -> None:
     print()
     print("versions:", json.dumps(found))
     print("setup:", json.dumps(setup))
+    records.write(recording, record_result(summary, found, setup, worst, {n: len(requests[n].body) for n in servers},
+                                           f"{args.model}:{model_dir.name}"))
     if args.json:
-        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        settings = {k: v for k, v in vars(args).items() if k not in ("json", "record_dir", "no_record")}
         args.json.write_text(json.dumps({
             "settings": settings, "versions": found, "setup": setup, "verify_max_abs_diff": worst,
             "payload_bytes": {name: len(requests[name].body) for name in servers},

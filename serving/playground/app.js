@@ -145,6 +145,8 @@
     } else if (model.task === "poem" && typeof model.test_metrics?.perplexity === "number") {
       parts.push(`perplexity ${model.test_metrics.perplexity.toFixed(1)}`);
     }
+    // A model trained on a cut of its data set (a fresh clone's committed samples) says so.
+    if (model.trained_on && model.trained_on.complete === false) parts.push(`trained on ${model.trained_on.label}`);
     return parts.join(" · ");
   }
 
@@ -187,6 +189,11 @@
     let text = count
       ? `${count} model${count === 1 ? "" : "s"} loaded: ${(body.models || []).map((m) => m.name).join(", ")}.`
       : "No model is loaded: export some with `python -m training export all`, then restart the service.";
+    const samples = (body.models || []).filter((m) => m.trained_on?.complete === false).map((m) => m.name);
+    if (samples.length) {
+      text += ` Trained on a sample of their data set, not the published models: ${samples.join(", ")}` +
+        " (fetch the full sets with `python -m training fetch` and run `./dlbook up` again).";
+    }
     if (body.problems?.length) text += ` Problems: ${body.problems.join("; ")}`;
     setStatus(text);
   }
@@ -362,7 +369,9 @@
     return caption.textContent.replace(/\s+/g, " ").trim() || element.name;
   }
 
-  /** One Kaggle record from the form: blank optional fields are left out (the model fills them as in training). */
+  /** One Kaggle record from the form: a blank optional field is left out, which the service reads as *unknown*
+   * and fills in as similar training houses have it (listed in the answer's `imputed`); a "None" choice is sent
+   * as "NA", the data set's "none" (no basement…). */
   function houseRecord(form) {
     const record = {};
     const problems = [];
@@ -396,7 +405,14 @@
     try {
       const body = await (await postJson("predict_price", { records: [record], model: $("price-model").value })).json();
       $("price-value").textContent = dollars.format(body.prices[0]);
-      $("price-meta").textContent = `${body.model} · version ${body.version} · from ${Object.keys(record).length} fields`;
+      const range = body.price_ranges?.[0];
+      $("price-range").textContent = range
+        ? `${Math.round(100 * body.range_coverage)}% range: ${dollars.format(range[0])} – ${dollars.format(range[1])}`
+        : "";
+      $("price-range").hidden = !range;
+      const imputed = body.imputed?.[0]?.length ?? 0;
+      $("price-meta").textContent = `${body.model} · version ${body.version} · from ${Object.keys(record).length} fields` +
+        (imputed ? ` · ${imputed} more filled in as similar training houses have them` : "");
       $("price-result").hidden = false;
     } catch (err) {
       $("price-result").hidden = true;
@@ -416,7 +432,8 @@
   let poemAbort = null;
 
   $("poem-temperature").addEventListener("input", () => {
-    $("poem-temperature-value").textContent = Number($("poem-temperature").value).toFixed(2);
+    const temperature = Number($("poem-temperature").value);
+    $("poem-temperature-value").textContent = temperature === 0 ? "0 · greedy" : temperature.toFixed(2);
   });
 
   /** One poem on screen, a line per clause, growing a character at a time. */
