@@ -519,11 +519,11 @@ def _search_region(smooth: np.ndarray, region: np.ndarray | None, scale: float, 
         surface = surface * (1 - correction / reference) if dark_ink else surface + correction
         contrast = np.where(region, _contrast(smooth, surface, dark_ink, reference), 0.0).astype(np.float32)
         threshold = max(_otsu(np.clip(contrast[region], 0, 255).astype(np.uint8)) or 0.0, floor)
-    ruling = _ruling((contrast > threshold) & region, region)
-    mask = (contrast > threshold) & region & ~ruling
     # A flat black or white background (a drawing, a saved data set image, a shop's product shot) has no
     # table or paper edge: whatever reaches its border is the subject filling the picture.
     digital = noise < 4 and (paper < 16 or paper > 239)
+    ruling = _ruling((contrast > threshold) & region, region) if not digital else np.zeros_like(region)
+    mask = (contrast > threshold) & region & ~ruling
     strong = _pick_components(mask, contrast, region, rim, border_rule=not digital)
     if strong is None:
         return None
@@ -644,16 +644,22 @@ def _ruling(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
     ruling = [tuple(int(v) for v in line[0]) for line in found
               if abs(np.degrees(np.arctan2(line[0][3] - line[0][1], line[0][2] - line[0][0]))) <= 20
               or abs(np.degrees(np.arctan2(line[0][3] - line[0][1], line[0][2] - line[0][0]))) >= 160]
+    # A ruled line is thin: across it, the mask is a short run. Inside a solid region (a product, a
+    # marker stroke) every row of pixels is a straight line to Hough, but the runs across are long.
+    limit = max(6, round(0.02 * mask.shape[0]))
+    thin, runs = [], []
+    for x0, y0, x1, y1 in ruling:
+        across = []
+        for t in np.linspace(0.1, 0.9, 9):
+            x, y = int(round(x0 + t * (x1 - x0))), int(round(y0 + t * (y1 - y0)))
+            across.append(int(mask[max(0, y - 2 * limit): y + 2 * limit + 1, x].sum()))
+        if np.median(across) <= limit:
+            thin.append((x0, y0, x1, y1))
+            runs += across
+    ruling = thin
     heights = sorted({(y0 + y1) // 2 for _, y0, _, y1 in ruling})
     if len(heights) < 2 or heights[-1] - heights[0] < 0.1 * mask.shape[0]:
         return none  # one line, or one thick stroke seen as several: not a ruling
-    # A line's thickness: the median run of mask pixels across it, sampled along its length.
-    runs = []
-    for x0, y0, x1, y1 in ruling:
-        for t in np.linspace(0.1, 0.9, 9):
-            x, y = int(round(x0 + t * (x1 - x0))), int(round(y0 + t * (y1 - y0)))
-            column = mask[max(0, y - 8): y + 9, x]
-            runs.append(int(column.sum()))
     thickness = max(1, int(np.median(runs)) + 2)
     lines = np.zeros(mask.shape, np.uint8)
     for x0, y0, x1, y1 in ruling:

@@ -128,6 +128,9 @@ CONTAINER_TESTS = os.environ.get("DLBOOK_CONTAINER_TESTS") == "1"
 _TOOLS = all(shutil.which(t) for t in ("podman", "runc"))
 
 
+# The container tier: ./dlbook test deselects it (marker ``container``; several minutes of image build
+# would push CI past its budget); DLBOOK_CONTAINER_TESTS=1 .venv/bin/python -m pytest -m container runs it.
+@pytest.mark.container
 @pytest.mark.skipif(not CONTAINER_TESTS or not _TOOLS,
                     reason="builds and runs the serving image: DLBOOK_CONTAINER_TESTS=1 with podman, runc and "
                            "mmdebstrap installed (several minutes; deploy/container/check.sh is the same check)")

@@ -108,6 +108,11 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _record_link(env: dict[str, Any]) -> str:
+    record = env.get("record")
+    return f", every figure in [`{record}`]({record.removeprefix('docs/')})" if record else ""
+
+
 def _missing(rows: list[dict[str, Any]]) -> str:
     """The project's default models this run did not report, named under the table."""
     from training.bench import DEFAULT_MODELS
@@ -268,6 +273,17 @@ def _data_root(record: dict[str, Any]) -> str:
     return f"`{shown}`" + (" (the committed samples)" if shown == Path("data/samples") else "")
 
 
+def _coverage(records: list[tuple[str, dict[str, Any]]]) -> str:
+    """Which models each kind of CPU covered, from the records."""
+    seen: dict[bool, set[str]] = {True: set(), False: set()}
+    for _, record in records:
+        seen[bool(record["result"]["cpu"]["u8s8_exact"])].update(row["model"] for row in record["result"]["rows"])
+    missing = sorted(seen[True] - seen[False])
+    return (f"\nMeasured where u8×s8 is exact: {', '.join(sorted(seen[True])) or 'none'}; where it saturates: "
+            f"{', '.join(sorted(seen[False])) or 'none'}"
+            + (f" (not measured there: {', '.join(missing)})" if missing else "") + ".\n")
+
+
 def scheme_section(records: list[tuple[str, dict[str, Any]]]) -> list[str]:
     """Why the default scheme: the committed comparisons, each with its CPU and command (read from
     the records, never typed in here)."""
@@ -278,9 +294,9 @@ def scheme_section(records: list[tuple[str, dict[str, Any]]]) -> list[str]:
         "integer product is exact; on AVX2 (or AVX-512BW) without VNNI it goes through `vpmaddubsw`, which",
         "adds two uint8·int8 products into int16 and saturates: with 8-bit weights a pair reaches",
         "2·255·127 = 64,770 > 32,767, and the logits move (issue 18: the suite's int8 check failed on an AMD",
-        "EPYC). So a scheme judged on one CPU need not hold on another. Measured below on every model, on",
-        "real held-out data (max abs and top-1 agreement over the whole test split for images, the house",
-        "holdout, 256 mid-poem steps; the quality is each model's own metric):",
+        "EPYC). So a scheme judged on one CPU need not hold on another. Measured below on the models each",
+        "record names, on real held-out data (max abs and top-1 agreement over the whole test split for",
+        "images, the house holdout, 256 mid-poem steps; the quality is each model's own metric):",
         ", ".join(f"`{name}` ({s.summary})" for name, s in SCHEMES.items()) + "."),
         _paragraph(
             f"**Default: `{DEFAULT_SCHEME}`** ({SCHEMES[DEFAULT_SCHEME].summary}). Its weights fit in",
@@ -296,7 +312,7 @@ def scheme_section(records: list[tuple[str, dict[str, Any]]]) -> list[str]:
             "computed from the records that follow it. Speed on a CPU without VNNI was not measured: no such machine",
             "was reachable, and timings under an emulator mean nothing; an AVX2-only CPU runs the u8×s8",
             "schemes on `vpmaddubsw` (the same kernel for 7- and 8-bit weights) and u8u8 on a widening kernel."),
-        scheme_summary(records)]
+        scheme_summary(records) + _coverage(records)]
     if not records:
         out.append("No scheme comparison is committed under `docs/bench/`.")
     for path, record in records:
@@ -326,7 +342,8 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any],
     paragraphs = [
         "# Int8 quantisation",
         _paragraph(
-            f"Written by `{env['command']}` ({env['date']}; {describe_cpu(env['cpu'])}; {env['cpus']} CPUs;",
+            f"Written by `{env['command']}`{_record_link(env)} ({env['date']}; {describe_cpu(env['cpu'])};",
+            f"{env['cpus']} CPUs;",
             f"onnxruntime {env['onnxruntime']}, ORT CPU provider with {env['threads']} intra-op threads,",
             f"{env['rounds']} alternated float/int8 rounds per batch size). Latencies are the median across",
             "rounds of each round's median per call; spread = (slowest − fastest round) / median; the speed-up",
@@ -390,13 +407,16 @@ def write_quantization_report(names: list[str], output: Path, rounds: int = 5, j
     rows = report_models(names, rounds)
     threads = rows[0]["report"]["threads"] if rows else 0
     env = environment(rounds, threads)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(markdown(rows, env), encoding="utf-8")
+    path = None
     if json_path:
         record = records.build(recording, {"environment": env, "models": rows})
         path = json_path / records.file_name(record) if json_path.is_dir() else json_path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        if path.resolve().is_relative_to(REPO):
+            env["record"] = str(path.resolve().relative_to(REPO))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(markdown(rows, env), encoding="utf-8")
     return output
 
 

@@ -22,6 +22,7 @@ from training.datasets.poems import heldout_split
 from training.metrics import perplexity
 
 PAD = 0
+EVAL_TOKENS = 16_384  # padded positions per evaluation batch: bounds its [batch, length, vocabulary] logits
 
 
 def _pad(seqs: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -36,8 +37,15 @@ def sequence_nll(model: nn.Module, seqs: list[list[int]], device: torch.device) 
     """Total NLL and token count over whole sequences, the state carried from ``<bos>``."""
     total, count = 0.0, 0
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    for start in range(0, len(order), 256):
-        batch = _pad([seqs[i] for i in order[start: start + 256]], device)
+    start = 0
+    while start < len(order):
+        # Up to 256 sequences, and at most EVAL_TOKENS padded positions: sorted by length, the last one
+        # taken is the longest, and one 854-character 排律 must not pad 255 others (gigabytes of logits).
+        end = start + 1
+        while end < len(order) and end - start < 256 and (end + 1 - start) * len(seqs[order[end]]) <= EVAL_TOKENS:
+            end += 1
+        batch = _pad([seqs[i] for i in order[start:end]], device)
+        start = end
         logits, _ = model(batch[:, :-1])
         targets = batch[:, 1:]
         total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
