@@ -161,13 +161,14 @@ def test_large_black_ink_on_transparency_equals_the_opaque_drawing(images: dict[
     for pixels in images["mnist"][:5]:
         rgba = Image.new("RGBA", (280, 280), (0, 0, 0, 0))
         rgba.putalpha(upscale(pixels))
-        frame = to_dataset_frame(decode_image(encode(rgba, "PNG")), "mnist")
-        opaque = to_dataset_frame(decode_image(encode(upscale(pixels), "PNG")), "mnist")
-        # Not bit-equal: the transparent drawing is composited onto white and inverted, so the ink's
-        # anti-aliased edge goes through one more rounding than the opaque one (seen: at most 29 of 255 on
-        # a few edge pixels); the same shape, in the same place, is what matters.
-        assert correlation(frame, opaque) > 0.98
-        assert np.abs(frame.astype(int) - opaque.astype(int)).max() <= 40
+        gray = decode_image(encode(rgba, "PNG"))
+        opaque = decode_image(encode(upscale(pixels), "PNG"))
+        # composited onto white: exactly the opaque drawing inverted, up to one rounding of the edge
+        assert np.abs(gray.astype(int) - (255 - opaque.astype(int))).max() <= 1
+        frame, opaque_frame = to_dataset_frame(gray, "mnist"), to_dataset_frame(opaque, "mnist")
+        # The same shape in the same place. Not bit-equal: one rounding step can put a digit's stroke
+        # width on the other side of the stroke rule's 1.3-px bound (seen: correlation 0.90-0.998).
+        assert correlation(frame, opaque_frame) > 0.85
         # the frame is rebuilt (stroke width, centre of mass), not copied: see the JPEG test below
         assert correlation(frame, pixels) > 0.75
 
