@@ -10,11 +10,30 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 _PIDS: dict[str, int] = {}  # base URL → process group leader of the server behind it
+
+
+def stop_server(proc: subprocess.Popen, grace_s: float = 30, stragglers: Iterable = ()) -> None:
+    """Stop a server started with ``start_new_session=True``: SIGTERM to its process group, SIGKILL after
+    ``grace_s``, then kill ``stragglers`` (``psutil.Process``es: BentoML's workers run in sessions of their
+    own, out of the group signal's reach). The one way every harness here stops its servers."""
+    import psutil
+
+    with contextlib.suppress(ProcessLookupError):  # the server may have ended already
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    for straggler in stragglers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            straggler.kill()
 
 
 def cpu_seconds(base: str) -> float:
@@ -73,15 +92,7 @@ def running(cmd: list[str], ready_path: str, port: int, log: Path, env: dict[str
         _PIDS.pop(base, None)
         with contextlib.suppress(psutil.NoSuchProcess):
             children = psutil.Process(proc.pid).children(recursive=True)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        for child in children:  # BentoML's workers run in sessions of their own: the group kill misses them
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
+        stop_server(proc, 20, children)
 
 
 def bentoml_service(service: str, log: Path, env: dict[str, str] | None = None):

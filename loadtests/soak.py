@@ -27,7 +27,6 @@ import contextlib
 import csv
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests import records  # noqa: E402
+from loadtests.servers import stop_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER_MARK = "_bentoml_impl.worker.service"
@@ -83,15 +83,7 @@ def started_server(service: str, log: Path) -> Iterator[tuple[str, int]]:
         yield url, proc.pid
     finally:
         workers = server_tree(proc.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        for p in workers:  # workers run in sessions of their own; none may outlive the soak
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
+        stop_server(proc, 30, workers)  # workers run in sessions of their own; none may outlive the soak
 
 
 def arbiter_for(url: str) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+
+from loadtests.servers import stop_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,13 +89,7 @@ def serve_process(service: str, log_path: Path, ready_path: str = "/readyz", **e
             yield server
         finally:
             workers = server.workers()
-            with contextlib.suppress(ProcessLookupError):  # a test may have ended the server already
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+            stop_server(proc, 20)  # a test may have ended the server already
             # Workers live in sessions of their own: one the arbiter could not stop must not outlive the test.
             for worker in workers + server.workers():
                 with contextlib.suppress(psutil.NoSuchProcess):

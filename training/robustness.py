@@ -25,7 +25,6 @@ import datetime as dt
 import json
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from loadtests.servers import stop_server
 from training.corruptions import MNIST_C, corrupt
 from training.datasets.images import load_image_split
 from training.paths import REPO_ROOT
@@ -93,13 +93,7 @@ def served(log_path: Path, timeout_s: float = 180) -> Iterator[str]:
                 time.sleep(0.5)
             yield base
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+            stop_server(proc, 30)
 
 
 def image_models(client: httpx.Client, base: str) -> list[dict[str, Any]]:

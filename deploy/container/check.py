@@ -48,6 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import image as image_build  # noqa: E402  (deploy/container/image.py)
 
 REPO = image_build.REPO
+sys.path.insert(0, str(REPO))
+from loadtests.servers import stop_server  # noqa: E402
+
 SAMPLES = REPO / "data" / "samples"
 CPUS = 1  # the container's CPU limit in the check: ORT must use this many intra-op threads
 GRACE_S = 25  # the image's --timeout-graceful-shutdown (deploy/container/Dockerfile.j2)
@@ -125,13 +128,7 @@ def reference_server(models: dict[str, str], log_path: Path):
                 raise RuntimeError(f"the reference server did not start: {log_path.read_text()[-2000:]}")
             yield base
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+            stop_server(proc, 30)
 
 
 def _requests(digit_model: str = "digits-lenet") -> dict[str, dict[str, Any]]:
