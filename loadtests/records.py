@@ -126,13 +126,20 @@ def bench_lock(path: Path = LOCK) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def script_as_typed(script: str) -> str:
+    """``script`` relative to the repository root when it lies inside it.
+
+    ``python -m training`` puts the absolute path of ``training/__main__.py`` in ``sys.argv[0]``; kept
+    as it is, the same command run from another checkout (CI clones to its own folder) would look like
+    another series.
+    """
+    resolved = Path(script).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else script
+
+
 def command_line(argv: list[str]) -> str:
     """The command as typed from the repository root: ``python loadtests/<script>.py --flag …``."""
-    script = Path(argv[0])
-    with_root = script.resolve()
-    if with_root.is_relative_to(REPO):
-        script = with_root.relative_to(REPO)
-    return shlex.join(["python", str(script), *argv[1:]])
+    return shlex.join(["python", script_as_typed(argv[0]), *argv[1:]])
 
 
 def series_command(argv: list[str]) -> str:
@@ -185,7 +192,10 @@ def begin(benchmark: str, args: argparse.Namespace | None = None, *, argv: list[
                   if k not in ("record_dir", "no_record", "json", "markdown", "out")}
     record_dir = None if args is not None and getattr(args, "no_record", False) else getattr(
         args, "record_dir", RECORD_DIR)
-    return Recording(benchmark, list(argv if argv is not None else sys.argv), plain(config), record_dir)
+    argv = list(argv if argv is not None else sys.argv)
+    if argv:
+        argv[0] = script_as_typed(argv[0])
+    return Recording(benchmark, argv, plain(config), record_dir)
 
 
 def build(recording: Recording, result: dict[str, Any], *, finished: dt.datetime | None = None,

@@ -39,6 +39,8 @@ def test_every_benchmark_record_is_sound() -> None:
         record = json.loads(path.read_text(encoding="utf-8"))
         assert records.validate(record) == [], path.name
         assert path.name == records.file_name(record), "a record's file name says its benchmark, start and commit"
+        # A checkout's absolute path would make the same command another series in another clone.
+        assert not Path(record["argv"][0]).is_absolute(), f"{path.name}: argv[0] must be repository-relative"
         assert record["series"] == records.series_command(record["argv"]), path.name
 
 
