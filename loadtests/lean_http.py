@@ -5,7 +5,9 @@ httpx's client spent 0.3 of a core reading 16 SSE streams (its per-chunk machine
 a Python call per line, three lines per character), CPU the in-process ceiling never has to share.
 This client reads each chunk with two stream calls and parses a poem's events once, when it has
 ended, so the figure is more the server's and less the client's. It still checks every answer: the
-streamed characters must spell the poem of the ``done`` event.
+streamed characters must spell the poem of the ``done`` event. Measured with httpx 0.28.1; not a bug
+upstream, just the cost of its general machinery. Go back to httpx when ``poem_http_bench.py
+--compare-httpx`` shows its client costing about what this one does.
 
 Only what the benchmarks need: POST with a JSON body, one request at a time per connection; answers
 with ``Content-Length``, ``Transfer-Encoding: chunked`` or a body that ends with the connection.

@@ -20,7 +20,10 @@ _PIDS: dict[str, int] = {}  # base URL → process group leader of the server be
 def stop_server(proc: subprocess.Popen, grace_s: float = 30, stragglers: Iterable = ()) -> None:
     """Stop a server started with ``start_new_session=True``: SIGTERM to its process group, SIGKILL after
     ``grace_s``, then kill ``stragglers`` (``psutil.Process``es: BentoML's workers run in sessions of their
-    own, out of the group signal's reach). The one way every harness here stops its servers."""
+    own, out of the group signal's reach; seen with BentoML 1.4.39, and reported for BentoML's circus
+    workers outliving a killed server at https://github.com/bentoml/OpenLLM/issues/354). The stragglers
+    can go when ``bentoml serve``'s workers stay in its process group. The one way every harness here
+    stops its servers."""
     import psutil
 
     with contextlib.suppress(ProcessLookupError):  # the server may have ended already

@@ -1,1 +1,4 @@
-"""BentoML services on ONNX Runtime (next milestone). Never imports torch."""
+"""BentoML services on ONNX Runtime (``serving.service``), behind one request guard (``serving.guard``).
+
+Never imports torch.
+"""

@@ -11,13 +11,14 @@ request's latency grow until clients time out.
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass
 
+from serving.settings import Settings
 
-def queue_budget_s() -> float:
-    """``DLBOOK_MAX_QUEUE_MS``: loop lateness (ms) above which API requests are shed (0: never)."""
-    return float(os.environ.get("DLBOOK_MAX_QUEUE_MS", "100")) / 1e3
+
+def queue_budget_s(settings: Settings | None = None) -> float:
+    """``DLBOOK_MAX_QUEUE_MS`` in seconds: loop lateness above which API requests are shed (0: never)."""
+    return (settings or Settings.from_env()).queue_budget_s
 
 
 @dataclass

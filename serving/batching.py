@@ -3,8 +3,9 @@
 While the model is busy, arriving requests queue; when it frees up, everything queued (up to
 ``max_batch`` rows) runs as one batch. An idle model runs a lone request at once, so a single
 client pays no waiting window and a crowd gets large batches. Nothing is refused for being slow:
-BentoML's ``max_latency_ms`` sheds load with 503s (see ``../shared/STACK_NOTES.md`` beside a
-development checkout), which is not what we want.
+BentoML's adaptive batching sheds requests it cannot answer within ``max_latency_ms`` with 503s
+(https://docs.bentoml.com/en/latest/guides/adaptive-batching.html), which is not what we want:
+load is shed by the request guard instead (``serving.admission``).
 
 Batches of at most ``inline_rows`` rows run on the event loop itself: for a small model a thread
 hop costs as much as the inference, and a lone request is what a lightly loaded server sees. Bigger

@@ -5,7 +5,10 @@ Why: BentoML 1.4 runs every request through Starlette routing, its request conte
 input path that rebuilds the arguments from the body, and for uploads Starlette's form parser,
 which writes each file to a temporary file on disk. Profiled under load (docs/PERFORMANCE.md),
 that was most of what separated our service from a bare Starlette + ONNX Runtime endpoint: on a
-one-image request the model is the small part.
+one-image request the model is the small part. Delete this module (``DLBOOK_DIRECT_ROUTES=0`` shows
+the difference) when BentoML's own request path is as fast in ``loadtests/http_bench.py``: the
+per-request costs are in ``api_endpoint`` of
+https://github.com/bentoml/BentoML/blob/v1.4.39/src/_bentoml_impl/server/app.py.
 
 What does not change: the routes, their schema in ``/docs.json``, the status codes and bodies.
 The arguments are validated by the very pydantic model BentoML built from the method's signature
@@ -13,14 +16,15 @@ The arguments are validated by the very pydantic model BentoML built from the me
 the answer comes from the same service code. The request guard in front still authenticates,
 sheds, limits sizes, times, counts and logs every request. Anything else (other routes, other
 content types, a worker that has not finished loading) goes to BentoML as before, and
-``DLBOOK_DIRECT_ROUTES=0`` sends everything there.
+``DLBOOK_DIRECT_ROUTES=0`` sends everything there. Which routes are direct, and what content types
+they take, is the route table's to say (``serving.routes``); this module holds the installed
+handlers and turns a body into their arguments.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +32,9 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
+from serving.errors import validation_sentence
 from serving.multipart_form import FormPart
+from serving.routes import JSON_TYPES, MULTIPART_TYPES, Route
 
 logger = logging.getLogger("dlbook.serving")
 
@@ -40,32 +46,31 @@ class DirectRoute:
     """One route: BentoML's input model for it, and the service method that answers it.
 
     ``upload_field`` names the form field that carries files on a multipart route (its value
-    reaches ``answer`` as a list of bytes); a route without one takes JSON bodies.
+    reaches ``answer`` as a list of bytes); a route without one takes JSON bodies. ``endpoint``: the
+    name the handler's refusals are counted under (``Route.endpoint``).
     """
 
     spec: type[BaseModel]
     answer: Answer
     upload_field: str | None = None
+    endpoint: str = ""
+
+    @classmethod
+    def for_route(cls, route: Route, spec: type[BaseModel], answer: Answer) -> DirectRoute:
+        return cls(spec, answer, route.upload_field, route.endpoint)
 
     def takes(self, content_type: bytes) -> bool:
         media = content_type.split(b";", 1)[0].strip().lower()
-        if self.upload_field:
-            return media == b"multipart/form-data"
-        return media in (b"application/json", b"")
+        return media in (MULTIPART_TYPES if self.upload_field else JSON_TYPES)
 
 
 _ROUTES: dict[str, DirectRoute] = {}
 
 
-def enabled() -> bool:
-    """``DLBOOK_DIRECT_ROUTES=0`` turns the direct path off (for comparison, or to rule it out)."""
-    return os.environ.get("DLBOOK_DIRECT_ROUTES", "1") != "0"
-
-
 def install(routes: dict[str, DirectRoute]) -> None:
-    """Called by a service once its models are loaded: from then on these paths are answered directly."""
-    if enabled():
-        _ROUTES.update(routes)
+    """Called by a service once its models are loaded (unless ``DLBOOK_DIRECT_ROUTES=0``): from then
+    on these paths are answered directly."""
+    _ROUTES.update(routes)
 
 
 def uninstall() -> None:
@@ -77,22 +82,6 @@ def route_for(method: str, path: str, content_type: bytes) -> DirectRoute | None
     return route if route is not None and route.takes(content_type) else None
 
 
-def request_timeout_s() -> float:
-    """The same budget BentoML enforces on the routes it answers (``DLBOOK_REQUEST_TIMEOUT_S``)."""
-    return float(os.environ.get("DLBOOK_REQUEST_TIMEOUT_S", "60"))
-
-
-def validation_sentence(problems: list) -> str | None:
-    """Pydantic's error list (``ValidationError.errors()``, or the ``detail`` of BentoML's 400) as one
-    sentence naming each field: ``invalid request: top_k: Input should be a valid integer``."""
-    parts = []
-    for item in problems[:10]:
-        if isinstance(item, dict):
-            where = ".".join(str(part) for part in item.get("loc", ())) or "body"
-            parts.append(f"{where}: {item.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(parts) if parts else None
-
-
 class DirectRequestError(Exception):
     """A body the route cannot take; ``message`` says what to fix."""
 
@@ -101,11 +90,19 @@ class DirectRequestError(Exception):
         self.message = message
 
 
+# The key under which ``arguments`` hands over a whole request model: the handler takes it positionally.
+REQUEST = "__request__"
+
+
 def arguments(route: DirectRoute, body: bytes, form: list[FormPart] | None) -> dict[str, Any]:
-    """The validated keyword arguments for ``route.answer`` from a JSON body or a parsed form."""
+    """The validated keyword arguments for ``route.answer`` from a JSON body or a parsed form; for a
+    handler that takes its request model itself (``handler(self, request: PoemRequest, /)``, BentoML's
+    root input, see ``serving.request_models``), that model under ``REQUEST``."""
     try:
         if route.upload_field is None:
             validated = route.spec.model_validate_json(body)
+            if getattr(route.spec, "__root_input__", False):
+                return {REQUEST: validated}
             return {name: getattr(validated, name) for name in type(validated).model_fields}
         uploads = [part.data for part in form or () if part.name == route.upload_field]
         values: dict[str, str] = {}
@@ -123,15 +120,18 @@ def arguments(route: DirectRoute, body: bytes, form: list[FormPart] | None) -> d
         raise DirectRequestError(sentence or f"invalid request: {err}") from err
 
 
-async def respond(route: DirectRoute, body: bytes, form: list[FormPart] | None) -> Response | str:
+async def respond(route: DirectRoute, body: bytes, form: list[FormPart] | None, timeout_s: float) -> Response | str:
     """The route's answer, or the sentence explaining why the body was refused (a 400).
 
-    Raises ``TimeoutError`` past ``DLBOOK_REQUEST_TIMEOUT_S``; any other failure propagates to the
-    caller, which answers 500.
+    Raises ``TimeoutError`` past ``timeout_s`` (``DLBOOK_REQUEST_TIMEOUT_S``, the budget BentoML
+    enforces on the routes it answers), and whatever the handler raises (``ApiError`` for a
+    refusal); the request guard turns those into the answer (``serving.errors.error_answer``).
     """
     try:
         kwargs = arguments(route, body, form)
     except DirectRequestError as err:
         return err.message
-    async with asyncio.timeout(request_timeout_s()):
+    async with asyncio.timeout(timeout_s):
+        if REQUEST in kwargs:
+            return await route.answer(kwargs[REQUEST])
         return await route.answer(**kwargs)

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import platform
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from serving.settings import Settings
 
 logger = logging.getLogger("dlbook.serving")
 
@@ -192,18 +193,22 @@ def verify_check(int8_path: Path, check: dict[str, Any]) -> tuple[bool, float]:
 # ----- the choice at load time ----------------------------------------------------------------------
 
 
-def int8_requested(meta: dict[str, Any]) -> bool:
+def int8_requested(meta: dict[str, Any], prefer_int8: bool) -> bool:
     """``DLBOOK_PREFER_INT8=1`` and export shipped an int8 graph (so meta.json lists and verified it)."""
-    return os.environ.get("DLBOOK_PREFER_INT8") == "1" and INT8_FILE in meta.get("files", {})
+    return prefer_int8 and INT8_FILE in meta.get("files", {})
 
 
-def choose_graph(folder: Path, meta: dict[str, Any], current: dict[str, Any] | None = None) -> str:
+def choose_graph(folder: Path, meta: dict[str, Any], current: dict[str, Any] | None = None,
+                 prefer_int8: bool | None = None) -> str:
     """``model.int8.onnx`` when it was asked for and is safe on this CPU, else ``model.onnx``.
 
-    Safe: the CPU matches the one the int8 decision was made on, or it differs and the int8 graph
-    still meets its bound on the stored check batch. A refusal or a re-verification is logged once,
-    with the reason."""
-    if not int8_requested(meta):
+    Asked for: ``prefer_int8`` (default: ``DLBOOK_PREFER_INT8`` as the environment has it now). Safe:
+    the CPU matches the one the int8 decision was made on, or it differs and the int8 graph still
+    meets its bound on the stored check batch. A refusal or a re-verification is logged once, with
+    the reason."""
+    if prefer_int8 is None:
+        prefer_int8 = Settings.from_env().prefer_int8
+    if not int8_requested(meta, prefer_int8):
         return FLOAT_FILE
     name = meta.get("name", folder.name)
     report = meta.get("quantization") or {}

@@ -60,7 +60,9 @@ def exposition() -> tuple[bytes, str]:
     """The text for ``/metrics``: every worker's metrics when BentoML runs several (multiprocess mode).
 
     Histogram samples are put in bucket, count, sum order per label set, as strict parsers expect
-    (the multiprocess collector emits sum and count first).
+    (the multiprocess collector emits sum and count first,
+    https://github.com/prometheus/client_python/issues/1147; the reordering can go once a
+    ``prometheus_client`` release emits buckets first there).
     """
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -6,7 +6,6 @@ the name upper-cased and dashes as underscores, e.g. ``DLBOOK_MODEL_FASHION_LENE
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,14 +15,16 @@ import bentoml
 from serving.artifacts import ArtifactError, verify_model_dir
 from serving.int8_guard import choose_graph
 from serving.runtime import OnnxModel, RuntimeConfig
+from serving.settings import Settings
 
 
 class ModelNotFound(LookupError):
     pass
 
 
-def pinned_tag(name: str) -> str:
-    return os.environ.get(f"DLBOOK_MODEL_{name.upper().replace('-', '_')}", f"{name}:latest")
+def pinned_tag(name: str, settings: Settings | None = None) -> str:
+    """``name:latest``, or the version ``DLBOOK_MODEL_<NAME>`` pins (see ``Settings.pinned_tag``)."""
+    return (settings or Settings.from_env()).pinned_tag(name)
 
 
 def exported_names(task: str) -> list[str]:
@@ -74,20 +75,22 @@ class ExportedModel:
         }
 
 
-def onnx_file(meta: dict[str, Any], folder: Path) -> str:
+def onnx_file(meta: dict[str, Any], folder: Path, settings: Settings | None = None) -> str:
     """``model.int8.onnx`` when ``DLBOOK_PREFER_INT8=1``, export shipped one (so meta.json lists and
     verified it) and it is safe on this CPU, else ``model.onnx``. Export ships int8 only when it was
     faster and as accurate on the CPU it ran on; ``serving.int8_guard.choose_graph`` re-verifies it on
     the stored check batch when this CPU differs, and falls back to float (logged) when it fails."""
-    return choose_graph(folder, meta)
+    return choose_graph(folder, meta, prefer_int8=(settings or Settings.from_env()).prefer_int8)
 
 
-def locate_exported(name: str) -> ExportedModel:
+def locate_exported(name: str, settings: Settings | None = None) -> ExportedModel:
     """The pinned version of ``name``, its files checked against meta.json's checksums; no session.
 
     For a graph this process will not run itself: the poem model's decoding process opens its own,
-    and a second session here would only hold the weights twice."""
-    tag = pinned_tag(name)
+    and a second session here would only hold the weights twice. ``settings``: the service's (the
+    version pin, int8); scripts and tests leave it out and get the environment as it is now."""
+    settings = settings or Settings.from_env()
+    tag = settings.pinned_tag(name)
     try:
         model = bentoml.models.get(tag)
     except bentoml.exceptions.NotFound as err:
@@ -97,14 +100,16 @@ def locate_exported(name: str) -> ExportedModel:
         raise ModelNotFound(f"model tag {tag!r} is malformed ({err}); use name or name:version") from err
     path = Path(model.path)
     meta = verify_model_dir(path)
-    return ExportedModel(name, str(model.tag), path, meta, path / onnx_file(meta, path))
+    return ExportedModel(name, str(model.tag), path, meta, path / onnx_file(meta, path, settings))
 
 
-def load_exported(name: str, runtime: RuntimeConfig | None = None) -> ExportedModel:
-    """``locate_exported`` plus an ONNX Runtime session on the graph, ready to run in this process."""
-    model = locate_exported(name)
+def load_exported(name: str, runtime: RuntimeConfig | None = None, settings: Settings | None = None) -> ExportedModel:
+    """``locate_exported`` plus an ONNX Runtime session on the graph, ready to run in this process
+    (``runtime``: default, the one ``settings`` give)."""
+    settings = settings or Settings.from_env()
+    model = locate_exported(name, settings)
     try:
-        model.onnx = OnnxModel(model.graph, runtime)
+        model.onnx = OnnxModel(model.graph, runtime or RuntimeConfig.from_settings(settings))
     except Exception as err:  # ORT's errors are not one class
         raise ArtifactError(f"{model.graph}: ONNX Runtime cannot load it ({err})") from err
     model.provider = model.onnx.provider

@@ -2,8 +2,11 @@
 
 The request guard reads the whole body anyway (to enforce the size limit), so the form is parsed
 once from those bytes: the guard checks the fields against the endpoint, and the image route reads
-the uploads from the same parts. Nothing goes through a temporary file (Starlette's form parser,
-which BentoML uses, writes each upload to disk: a third of a small PNG request's cost).
+the uploads from the same parts. Nothing goes through a temporary file: BentoML hands a ``Path``
+argument each upload written to a temporary file of its own (``_bentoml_sdk/validators.py``,
+https://github.com/bentoml/BentoML/blob/v1.4.39/src/_bentoml_sdk/validators.py), with Starlette's
+form parser before it: a third of a small PNG request's cost in our profile (docs/PERFORMANCE.md).
+This parser goes with ``serving.direct_routes``.
 
 The split follows RFC 7578 / RFC 2046: a part ends at ``CRLF--boundary``, so a payload's own bytes,
 CRLFs included, come back exactly as sent.

@@ -12,13 +12,9 @@ Python 30% of the time slowed the step loop by 23% (6,378 → 4,928 and 7,008 �
 batch 16), while a process doing the same work beside it cost 0–17%; in the server the step took
 2.8 ms against 2.3 ms alone. The server's side is :class:`serving.poem_engine.PoemEngine`.
 
-The protocol, pickled frames on stdin and stdout (the server is the only peer; stray prints go to
-stderr, since fd 1 is redirected there once the frames' stream is taken):
-- in: a setup dict (``graph``, ``tokens``, ``num_layers``, ``hidden_size``, ``max_batch``), then
-  ``("add", id, plan, sampling parameters, seed)`` and ``("cancel", id)``; end of input ends the loop;
-- out: ``("ready", provider)`` (or ``("unusable", why)`` and exit when the graph cannot be loaded),
-  then per step ``("step", rows, seconds, [(id, token), …])``, and
-  ``("failed", [ids], error name)`` when a step raised (those poems end; the loop goes on).
+The messages, their order and what happens on failure and shutdown are in
+:mod:`serving.poem_protocol`. Stray prints go to stderr: fd 1 is redirected there once the messages'
+stream is taken.
 """
 
 from __future__ import annotations
@@ -41,10 +37,31 @@ from typing import BinaryIO
 import numpy as np
 
 from preprocessing import Vocabulary
-from serving.poem_sampling import PoemSampler, SamplingParams, advance_all
+from serving.poem_protocol import (
+    AddPoem,
+    CancelPoem,
+    Draining,
+    FromDecoder,
+    Kind,
+    Ready,
+    Setup,
+    Step,
+    StepFailed,
+    ToDecoder,
+    Unusable,
+)
+from serving.poem_sampling import PoemSampler, advance_all
 from serving.runtime import OnnxModel
 
 logger = logging.getLogger(__name__)
+
+
+class _Signalled:
+    """Put in the inbox by the SIGTERM handler: the loop, not the handler, tells the server (a handler
+    that wrote to the pipe could cut into a message the loop was writing)."""
+
+
+_SIGNALLED = _Signalled()
 
 
 @dataclass
@@ -54,8 +71,8 @@ class _Sequence:
     hidden: np.ndarray  # [L, H]
 
 
-def _read_commands(stream: BinaryIO, inbox: queue.SimpleQueue) -> None:
-    """Commands from the server into ``inbox``; ``None`` once the server is gone."""
+def _read_messages(stream: BinaryIO, inbox: queue.SimpleQueue) -> None:
+    """Messages from the server into ``inbox``; ``None`` once the server is gone."""
     try:
         while True:
             inbox.put(pickle.load(stream))
@@ -67,39 +84,56 @@ class StepLoop:
     """Steps every live poem together, back to back, for as long as there is one."""
 
     def __init__(self, model: OnnxModel, vocab: Vocabulary, num_layers: int, hidden_size: int, max_batch: int,
-                 send: Callable[[tuple], None]) -> None:
+                 send: Callable[[FromDecoder], None]) -> None:
         self.model, self.vocab, self.send = model, vocab, send
         self.num_layers, self.hidden_size, self.max_batch = num_layers, hidden_size, max_batch
         self.live: list[_Sequence] = []
         self.waiting: deque[_Sequence] = deque()
+        self.draining = False  # SIGTERM came: the server was told
+        self.retired = False  # the server sends no more poems: exit once those held are written
 
-    def _apply(self, command: tuple) -> None:
-        if command[0] == "add":
-            _, poem_id, plan, params, seed = command
-            sampler = PoemSampler(plan, self.vocab, SamplingParams(*params), seed)
-            self.waiting.append(_Sequence(poem_id, sampler, np.zeros((self.num_layers, self.hidden_size), np.float32)))
-        elif command[0] == "cancel":
-            self.live = [s for s in self.live if s.id != command[1]]
-            self.waiting = deque(s for s in self.waiting if s.id != command[1])
+    def _apply(self, message: ToDecoder | _Signalled) -> None:
+        if message is _SIGNALLED:
+            if not self.draining:
+                self.draining = True
+                self.send(Draining())
+            return
+        assert not isinstance(message, _Signalled)
+        if message.kind is Kind.ADD_POEM:
+            assert isinstance(message, AddPoem)
+            sampler = PoemSampler(list(message.plan), self.vocab, message.params, message.seed)
+            self.waiting.append(_Sequence(message.poem_id, sampler,
+                                          np.zeros((self.num_layers, self.hidden_size), np.float32)))
+        elif message.kind is Kind.CANCEL_POEM:
+            assert isinstance(message, CancelPoem)
+            self.live = [s for s in self.live if s.id != message.poem_id]
+            self.waiting = deque(s for s in self.waiting if s.id != message.poem_id)
+        elif message.kind is Kind.RETIRE:
+            self.retired = True
+        else:
+            logger.error("the poem decoder got a message it does not take: %r", message)
 
-    def _take_commands(self, inbox: queue.SimpleQueue) -> bool:
-        """Apply what the server sent (waiting for it when nothing is live); False once it is gone."""
-        commands = [] if self.live or self.waiting else [inbox.get()]
+    def _take_messages(self, inbox: queue.SimpleQueue) -> bool:
+        """Apply what the server sent (waiting for it when nothing is live); False once it is gone,
+        or once it retired this process and every poem held is written."""
+        if self.retired and not (self.live or self.waiting):
+            return False  # nothing will come: waiting for a message here would never end
+        messages = [] if self.live or self.waiting else [inbox.get()]
         while True:
             try:
-                commands.append(inbox.get_nowait())
+                messages.append(inbox.get_nowait())
             except queue.Empty:
                 break
-        for command in commands:
-            if command is None:
+        for message in messages:
+            if message is None:
                 return False
-            self._apply(command)
+            self._apply(message)
         while self.waiting and len(self.live) < self.max_batch:
             self.live.append(self.waiting.popleft())
-        return True
+        return not (self.retired and not self.live)
 
     def run(self, inbox: queue.SimpleQueue) -> None:
-        while self._take_commands(inbox):
+        while self._take_messages(inbox):
             if self.live:
                 self._step()
 
@@ -113,47 +147,54 @@ class StepLoop:
             advance_all([s.sampler for s in live], logits)
         except Exception as err:  # noqa: BLE001 - fail the poems in flight, keep serving
             logger.exception("poem decoding step failed")
-            self.send(("failed", [s.id for s in live], type(err).__name__))
+            self.send(StepFailed(tuple(s.id for s in live), type(err).__name__))
             self.live = []
             return
         seconds = time.perf_counter() - began
         for i, s in enumerate(live):
             s.hidden = next_hidden[:, i]
-        self.send(("step", len(live), seconds, [(s.id, s.sampler.tokens[-1]) for s in live]))
+        self.send(Step(len(live), seconds, tuple(s.id for s in live), tuple(s.sampler.tokens[-1] for s in live)))
         self.live = [s for s in live if not s.sampler.done]
 
 
 def main() -> None:
-    # A graceful shutdown (SIGTERM) is the server's to run: it finishes the poems in flight, then closes
-    # our input, which ends the loop. BentoML's process manager (circus) signals every child of a worker
-    # too, which used to end the poems first (each stream got an ``error`` event during a drain); a
-    # server that dies closes our input as well, so ignoring SIGTERM leaves no orphan.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     frames_in = sys.stdin.buffer
     frames_out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # anything printed from here on goes to stderr, not into the frames
-    setup = pickle.load(frames_in)
+    os.dup2(2, 1)  # anything printed from here on goes to stderr, not into the messages
     inbox: queue.SimpleQueue = queue.SimpleQueue()
-    # Read commands while the model loads: the server may send poems at once (after a restart, say),
+    # SIGTERM drains (see serving.poem_protocol); so does SIGINT, which Ctrl-C sends the whole process
+    # group, server included. SimpleQueue.put is safe to call from a signal handler.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: inbox.put(_SIGNALLED))
+    setup = pickle.load(frames_in)
+    if not isinstance(setup, Setup):
+        raise SystemExit(f"the poem decoder expects Setup first, got {type(setup).__name__}")
+    # Read messages while the model loads: the server may send poems at once (after a restart, say),
     # and a pipe nobody reads would block it once full.
-    threading.Thread(target=_read_commands, args=(frames_in, inbox), daemon=True).start()
+    threading.Thread(target=_read_messages, args=(frames_in, inbox), daemon=True).start()
 
-    def send(frame: tuple) -> None:
-        pickle.dump(frame, frames_out, protocol=pickle.HIGHEST_PROTOCOL)
+    def send(message: FromDecoder) -> None:
+        pickle.dump(message, frames_out, protocol=pickle.HIGHEST_PROTOCOL)
         frames_out.flush()
 
-    vocab = Vocabulary(list(setup["tokens"]))
-    num_layers, hidden_size = setup["num_layers"], setup["hidden_size"]
+    vocab = Vocabulary(list(setup.tokens))
     try:
-        model = OnnxModel(Path(setup["graph"]))
+        model = OnnxModel(Path(setup.graph))
         model.warm_up({"token": np.array([vocab.bos_id], np.int64),
-                       "hidden": np.zeros((num_layers, 1, hidden_size), np.float32)})
+                       "hidden": np.zeros((setup.num_layers, 1, setup.hidden_size), np.float32)})
     except Exception as err:  # noqa: BLE001 - ORT's errors are not one class; the server reports it
-        send(("unusable", f"ONNX Runtime cannot run {setup['graph']}: {type(err).__name__}: {err}"))
-        raise SystemExit(1) from err
-    send(("ready", model.provider))
+        send(Unusable(f"ONNX Runtime cannot run {setup.graph}: {type(err).__name__}: {err}"))
+        sys.stderr.flush()
+        os._exit(1)  # as at the end: the reader thread holds stdin's lock
+    send(Ready(model.provider))
     with contextlib.suppress(OSError):  # the server went away mid-step (a broken pipe)
-        StepLoop(model, vocab, num_layers, hidden_size, setup["max_batch"], send).run(inbox)
+        StepLoop(model, vocab, setup.num_layers, setup.hidden_size, setup.max_batch, send).run(inbox)
+        frames_out.flush()
+    # Not a normal interpreter exit: after Retire the server is still connected, and the thread reading
+    # our input sits in a read holding stdin's lock, which shutdown then tries to take and aborts on
+    # ("could not acquire lock for <stdin> at interpreter shutdown", status -6). Nothing is left to clean up.
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

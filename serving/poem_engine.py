@@ -4,12 +4,12 @@ their characters come back to each poem's event loop.
 The decoding loop itself (every live poem advances one token per model step, poems join and leave
 between steps) is :mod:`serving.poem_decoder`, in a process of its own so that its Python and the
 event loop's never wait for each other's GIL (the measurement is in that module). Here:
-:class:`PoemEngine` starts that process, sends it each poem (plan, sampling parameters, seed) and
-each cancellation, and a reader thread takes each step's token ids, advances the poem's own
-:class:`PoemSampler` with them (so ``sampler.text`` and ``sampler.done`` hold in the server too) and
-posts the characters to each poem's event loop in one ``call_soon_threadsafe`` per loop per step.
-If the decoding process dies, the poems in flight fail with "generation failed" and the next poem
-starts a new one.
+:class:`PoemEngine` starts that process (``python -m serving.poem_decoder``), sends it each poem
+(plan, sampling parameters, seed) and each cancellation, and a reader thread takes each step's token
+ids, advances the poem's own :class:`PoemSampler` with them (so ``sampler.text`` and ``sampler.done``
+hold in the server too) and posts the characters to each poem's event loop in one
+``call_soon_threadsafe`` per loop per step. The messages, and what happens when the decoding process
+dies or is asked to stop, are in :mod:`serving.poem_protocol`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import pickle
 import subprocess
 import sys
@@ -29,13 +28,28 @@ from pathlib import Path
 from typing import BinaryIO
 
 from preprocessing import Vocabulary
+from serving.poem_protocol import (
+    AddPoem,
+    CancelPoem,
+    FromDecoder,
+    Kind,
+    Ready,
+    Retire,
+    Setup,
+    Step,
+    StepFailed,
+    ToDecoder,
+    Unusable,
+)
 from serving.poem_sampling import PoemSampler
 
 StepObserver = Callable[[int, float], None]  # (batch size, seconds) after every step
 
 logger = logging.getLogger(__name__)
 
-_REPO = Path(__file__).resolve().parents[1]  # where ``python -m serving.poem_decoder`` finds its packages
+# The decoder's working directory: ``python -m`` puts it first on sys.path, so ``serving`` and
+# ``preprocessing`` import from the same code as the server's, installed or not.
+_REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 120.0
 
 
@@ -126,26 +140,25 @@ def _deliver(items: list[tuple[_Mailbox, object]]) -> None:
 
 
 class _DecoderProcess:
-    """One ``serving.poem_decoder`` process, the pipe to it, and the thread reading its frames."""
+    """One ``serving.poem_decoder`` process, the pipe to it, and the thread reading its messages."""
 
-    def __init__(self, setup: dict, on_frame: Callable[[tuple], None],
+    def __init__(self, setup: Setup, on_message: Callable[[_DecoderProcess, FromDecoder], None],
                  on_exit: Callable[[_DecoderProcess], None]) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen([sys.executable, "-m", "serving.poem_decoder"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env, cwd=_REPO)
+                                     stdout=subprocess.PIPE, cwd=_REPO)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._to_child: BinaryIO = self.proc.stdin
         self._writing = threading.Lock()
         self.ready = threading.Event()
         self.provider = ""
         self.unusable = ""  # why the process could not load its graph, when it could not
-        self._on_frame, self._on_exit = on_frame, on_exit
+        self._on_message, self._on_exit = on_message, on_exit
         self.send(setup)
         threading.Thread(target=self._read_forever, args=(self.proc.stdout,), name="poem-decoder-reader",
                          daemon=True).start()
 
-    def send(self, message: object) -> bool:
-        """Write one frame to the decoding process; False when it is gone."""
+    def send(self, message: ToDecoder) -> bool:
+        """Write one message to the decoding process; False when it is gone."""
         try:
             with self._writing:
                 pickle.dump(message, self._to_child, protocol=pickle.HIGHEST_PROTOCOL)
@@ -157,23 +170,26 @@ class _DecoderProcess:
     def _read_forever(self, frames: BinaryIO) -> None:
         try:
             while True:
-                frame = pickle.load(frames)
-                if frame[0] == "ready":
-                    self.provider = frame[1]
+                message: FromDecoder = pickle.load(frames)
+                if message.kind is Kind.READY:
+                    assert isinstance(message, Ready)
+                    self.provider = message.provider
                     self.ready.set()
-                elif frame[0] == "unusable":
-                    self.unusable = frame[1]
+                elif message.kind is Kind.UNUSABLE:
+                    assert isinstance(message, Unusable)
+                    self.unusable = message.reason
                 else:
-                    self._on_frame(frame)
+                    self._on_message(self, message)
         except (EOFError, OSError, pickle.UnpicklingError):
             pass
         except Exception:  # a bug here must not leave poems waiting for ever
-            logger.exception("reading the poem decoder's frames failed")
+            logger.exception("reading the poem decoder's messages failed")
         self.ready.set()
         with contextlib.suppress(OSError):
             self._to_child.close()
         self.proc.wait()
-        logger.warning("the poem decoding process exited with %s", self.proc.returncode)
+        logger.log(logging.INFO if self.proc.returncode == 0 else logging.WARNING,
+                   "the poem decoding process %s exited with %s", self.proc.pid, self.proc.returncode)
         self._on_exit(self)
 
     @property
@@ -194,21 +210,26 @@ class PoemEngine:
 
     def __init__(self, graph: Path, vocab: Vocabulary, num_layers: int, hidden_size: int, max_batch: int = 64,
                  observe_step: StepObserver | None = None) -> None:
-        self._setup = {"graph": str(graph), "tokens": list(vocab.tokens), "num_layers": num_layers,
-                       "hidden_size": hidden_size, "max_batch": max_batch}
+        self._setup = Setup(str(graph), tuple(vocab.tokens), num_layers, hidden_size, max_batch)
         self.observe_step = observe_step
         self._ids = itertools.count()
         self._live: dict[int, _Live] = {}
-        self._lock = threading.Lock()  # _live and _decoder: the event loops and the reader thread share them
+        # _live, _decoder and _retired: the event loops and the reader threads share them
+        self._lock = threading.Lock()
         self._decoder: _DecoderProcess | None = None
+        self._retired: set[_DecoderProcess] = set()  # draining after SIGTERM: they finish their poems, then exit
 
     def _running_decoder(self) -> _DecoderProcess:
-        """The decoding process, started if none is running. Not waited for: frames sent before it
+        """The decoding process, started if none is running. Not waited for: messages sent before it
         has loaded its model wait in the pipe."""
         with self._lock:
-            if self._decoder is None or not self._decoder.alive:
-                self._decoder = _DecoderProcess(self._setup, self._on_frame, self._on_exit)
-            return self._decoder
+            return self._current_decoder()
+
+    def _current_decoder(self) -> _DecoderProcess:
+        """:meth:`_running_decoder` for a caller that holds the lock."""
+        if self._decoder is None or not self._decoder.alive:
+            self._decoder = _DecoderProcess(self._setup, self._on_message, self._on_exit)
+        return self._decoder
 
     def start(self) -> str:
         """Start the decoding process and wait until its model is loaded (the service does this at
@@ -220,20 +241,23 @@ class PoemEngine:
         return decoder.provider
 
     def stop(self) -> None:
+        """End every decoding process now (closing its input); poems still in flight fail."""
         with self._lock:
-            decoder, self._decoder = self._decoder, None
-        if decoder is not None:
+            decoders = [d for d in (self._decoder, *self._retired) if d is not None]
+            self._decoder = None
+            self._retired.clear()
+        for decoder in decoders:
             decoder.stop()
 
-    def _on_frame(self, frame: tuple) -> None:
-        """On the reader thread: advance each poem's sampler and post what its reader is owed."""
+    def _on_message(self, decoder: _DecoderProcess, message: FromDecoder) -> None:
+        """On a reader thread: advance each poem's sampler and post what its reader is owed."""
         out: list[tuple[_Live, object]] = []
-        if frame[0] == "step":
-            _, rows, seconds, tokens = frame
+        if message.kind is Kind.STEP:
+            assert isinstance(message, Step)
             if self.observe_step:
-                self.observe_step(rows, seconds)
+                self.observe_step(message.rows, message.seconds)
             with self._lock:
-                for poem_id, token in tokens:
+                for poem_id, token in zip(message.poem_ids, message.tokens, strict=True):
                     live = self._live.get(poem_id)
                     if live is None:  # cancelled while the step ran
                         continue
@@ -243,16 +267,29 @@ class PoemEngine:
                     if live.sampler.done:
                         out.append((live, None))
                         del self._live[poem_id]
-        elif frame[0] == "failed":
-            _, ids, error = frame
+        elif message.kind is Kind.STEP_FAILED:
+            assert isinstance(message, StepFailed)
             with self._lock:
-                out = [(live, RuntimeError(f"generation failed: {error}"))
-                       for live in (self._live.pop(i, None) for i in ids) if live is not None]
+                out = [(live, RuntimeError(f"generation failed: {message.error}"))
+                       for live in (self._live.pop(i, None) for i in message.poem_ids) if live is not None]
+        elif message.kind is Kind.DRAINING:
+            # SIGTERM reached the decoder: poems from now on go to a new one; this one writes what it
+            # holds (Retire tells it nothing follows) and exits
+            with self._lock:
+                if self._decoder is decoder:
+                    self._decoder = None
+                self._retired.add(decoder)
+                decoder.send(Retire())
+            logger.info("the poem decoding process %s is draining (SIGTERM); new poems go to a new one",
+                        decoder.proc.pid)
+        else:
+            logger.error("unexpected message from the poem decoder: %r", message)
         self._post(out)
 
     def _on_exit(self, decoder: _DecoderProcess) -> None:
         """A decoding process is gone: the poems it held fail; the next poem starts a new one."""
         with self._lock:
+            self._retired.discard(decoder)
             failed = [i for i, live in self._live.items() if live.decoder is decoder]
             lost = [self._live.pop(i) for i in failed]
         self._post([(live, DecoderStopped()) for live in lost])
@@ -268,15 +305,15 @@ class PoemEngine:
         if sampler.tokens:
             raise ValueError("a sampler goes to the engine before its first token")
         loop = asyncio.get_running_loop()
-        decoder = self._running_decoder()
-        live = _Live(sampler, _Mailbox(loop), whole, decoder)
         poem_id = next(self._ids)
-        with self._lock:
+        message = AddPoem(poem_id, tuple(sampler.plan), sampler.params, sampler.seed)
+        with self._lock:  # as the Draining handler's Retire: no poem is sent to a decoder after its Retire
+            decoder = self._current_decoder()
+            live = _Live(sampler, _Mailbox(loop), whole, decoder)
             self._live[poem_id] = live
+            sent = decoder.send(message)
         timer = None if deadline is None else loop.call_at(deadline, live.mailbox.put, TimeoutError())
-        p = sampler.params
-        if not decoder.send(("add", poem_id, sampler.plan, (p.temperature, p.top_k, p.top_p, p.repetition_penalty),
-                             sampler.seed)):
+        if not sent:
             live.mailbox.put(DecoderStopped())
         try:
             yield live.mailbox
@@ -286,7 +323,7 @@ class PoemEngine:
             with self._lock:
                 still_live = self._live.pop(poem_id, None) is not None
             if still_live:
-                decoder.send(("cancel", poem_id))
+                decoder.send(CancelPoem(poem_id))
 
     async def chunks(self, sampler: PoemSampler, deadline: float | None = None, every_s: float = 0.0
                      ) -> AsyncIterator[list[str]]:

@@ -1,41 +1,28 @@
-"""Poem requests → samplers on the shared engine: prompt, acrostic or theme, n poems, seeds."""
+"""Poem requests → samplers on the shared engine: prompt, acrostic or theme, n poems, seeds.
+
+The request arrives validated (``serving.request_models.PoemRequest``); what is left to refuse here
+depends on the model: characters it never saw (``plan_poem``).
+"""
 
 from __future__ import annotations
 
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from preprocessing import Vocabulary
 from serving.model_store import ExportedModel
 from serving.poem_engine import PoemEngine, StepObserver
-from serving.poem_sampling import PoemForm, PoemRequestError, PoemSampler, SamplingParams, plan_poem
-
-MAX_THEME_CHARS = 200
-
-
-@dataclass(frozen=True)
-class PoemRequest:
-    prompt: str = ""
-    acrostic: str = ""
-    theme: str = ""
-    chars_per_clause: int = 5
-    lines: int = 4
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 0.9
-    repetition_penalty: float = 1.1
-    seed: int | None = None
-    n: int = 1
+from serving.poem_sampling import PoemRequestError, PoemSampler, plan_poem
+from serving.request_models import PoemRequest
 
 
 def theme_keywords(theme: str, vocab: Vocabulary, limit: int) -> list[str]:
     """Keywords of a free Chinese text (jieba TF-IDF) that the model can write, best first."""
     import jieba.analyse
 
-    words = jieba.analyse.extract_tags(theme[:MAX_THEME_CHARS], topK=limit * 3)
+    words = jieba.analyse.extract_tags(theme, topK=limit * 3)
     usable = [w for w in words if all(ch in vocab for ch in w)]
     return usable[:limit]
 
@@ -68,15 +55,12 @@ class PoemGenerator:
 
     def samplers(self, request: PoemRequest) -> list[PoemSampler]:
         """One sampler per poem; poem i uses seed + i so a request with a seed repeats exactly."""
-        form = PoemForm(request.chars_per_clause, request.lines)
-        params = SamplingParams(request.temperature, request.top_k, request.top_p, request.repetition_penalty)
+        form, params = request.form, request.sampling
         line_starts: dict[int, str] = {}
         if request.theme and not request.prompt and not request.acrostic:
             keywords = theme_keywords(request.theme, self.vocab, limit=form.lines // 2)
             line_starts = {2 * i: word for i, word in enumerate(keywords)}  # the first line of each couplet
         plan = plan_poem(form, self.vocab, request.prompt, request.acrostic, line_starts)
-        if request.seed is not None and not 0 <= request.seed < 2**62:
-            raise PoemRequestError(f"seed must be a whole number from 0 to 2**62 - 1, got {request.seed}")
         seed = request.seed if request.seed is not None else secrets.randbits(31)
         return [PoemSampler(plan, self.vocab, params, seed + i) for i in range(request.n)]
 

@@ -6,6 +6,10 @@ stand where (the marks, the prompt's characters, acrostic or theme characters at
 other character slot is *sampled* from the model's logits with repetition penalty, temperature,
 top-k and top-p, restricted to real characters (never ``<unk>``, a special token or a mark). So
 every returned poem has exactly the requested form, by construction rather than by luck.
+
+What reaches this module was checked once, by the request model (``serving.request_models``): the
+form, the sampling parameters, the prompt's and acrostic's lengths and characters. Only what depends
+on the model is checked here: whether it knows each character the plan fixes.
 """
 
 from __future__ import annotations
@@ -20,25 +24,20 @@ import numpy as np
 from preprocessing import Vocabulary
 
 COMMA, FULL_STOP = "，", "。"
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
-# Marks a user may type in a prompt; the form puts ，。 where they belong, so they are dropped.
-_PROMPT_MARKS = re.compile(r"[\s，。,.;；:：、！？!?“”\"'‘’《》()（）]")
+CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")  # what a character slot may hold: one ideograph
 
 
 class PoemRequestError(ValueError):
-    """A request that cannot become a poem of the asked form; the message says why and how to fix it."""
+    """A valid request this model cannot write (a character it never saw, a rhyme the plan cannot
+    meet); the message says why and how to fix it."""
 
 
 @dataclass(frozen=True)
 class PoemForm:
+    """``lines`` clauses of ``chars_per_clause`` characters; the forms served are the request model's."""
+
     chars_per_clause: int = 5
     lines: int = 4
-
-    def __post_init__(self) -> None:
-        if self.chars_per_clause not in (5, 7):
-            raise PoemRequestError(f"chars_per_clause must be 5 or 7, got {self.chars_per_clause}")
-        if self.lines not in (4, 8):
-            raise PoemRequestError(f"lines must be 4 (绝句) or 8 (律诗), got {self.lines}")
 
     @property
     def slots(self) -> int:
@@ -66,26 +65,18 @@ MAX_INVERSE_TEMPERATURE = 1e30
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """One poem's sampling parameters; their bounds are the request model's (``PoemRequest.sampling``)."""
+
     temperature: float = 0.8  # 0 = greedy: each free slot takes the most likely allowed character
     top_k: int = 0  # 0 = no top-k cut
     top_p: float = 0.9
     repetition_penalty: float = 1.1
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.temperature <= 5.0:
-            raise PoemRequestError(f"temperature must lie in [0, 5] (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise PoemRequestError(f"top_k must be ≥ 0 (0 turns it off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise PoemRequestError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if not 1.0 <= self.repetition_penalty <= 3.0:
-            raise PoemRequestError(f"repetition_penalty must lie in [1, 3], got {self.repetition_penalty}")
-
 
 @cache
 def _character_mask(tokens: tuple[str, ...]) -> np.ndarray:
     """True for vocabulary entries a character slot may take: single CJK ideographs only."""
-    return np.array([len(t) == 1 and bool(_CJK.match(t)) for t in tokens])
+    return np.array([len(t) == 1 and bool(CJK.match(t)) for t in tokens])
 
 
 @cache
@@ -120,20 +111,12 @@ def character_ids(vocab: Vocabulary) -> np.ndarray:
     return _character_arrays(vocab)[1]
 
 
-def clean_prompt(prompt: str) -> str:
-    return _PROMPT_MARKS.sub("", prompt)
-
-
 def _check_known(vocab: Vocabulary, text: str, what: str) -> None:
     unknown = vocab.unknown_chars(text)
     if unknown:
         raise PoemRequestError(
             f"{what} has characters the model never saw: {''.join(unknown)}; replace them with common "
             "Chinese characters")
-    mask = character_mask(vocab)
-    bad = [ch for ch in dict.fromkeys(text) if not mask[vocab.id_of(ch)]]
-    if bad:
-        raise PoemRequestError(f"{what} may hold only Chinese characters, got {''.join(bad)}")
 
 
 def plan_poem(form: PoemForm, vocab: Vocabulary, prompt: str = "", acrostic: str = "",
@@ -142,28 +125,18 @@ def plan_poem(form: PoemForm, vocab: Vocabulary, prompt: str = "", acrostic: str
 
     ``prompt`` fills the first character slots; ``acrostic`` puts one character at the start of each
     line; ``line_starts`` (theme keywords) puts a word at the start of given lines where nothing else
-    is forced. Conflicts and characters the model does not know are refused with the reason.
+    is forced. Both come from a validated ``PoemRequest`` (Chinese characters only, marks dropped,
+    within the form, agreeing with each other); characters this model never saw are refused here.
     """
-    prompt = clean_prompt(prompt)
-    acrostic = clean_prompt(acrostic)
     _check_known(vocab, prompt, "prompt")
     _check_known(vocab, acrostic, "acrostic")
-    if len(prompt) > form.characters:
-        raise PoemRequestError(f"prompt has {len(prompt)} characters but a {form.lines}-line poem of "
-                               f"{form.chars_per_clause}-character lines holds {form.characters}")
-    if len(acrostic) > form.lines:
-        raise PoemRequestError(f"acrostic has {len(acrostic)} characters but the poem has {form.lines} lines; "
-                               f"use at most {form.lines} or ask for more lines")
     plan: list[int | None] = [vocab.id_of(m) if (m := form.mark_at(s)) else None for s in range(form.slots)]
     char_slots = form.character_slots()
     for slot, ch in zip(char_slots, prompt, strict=False):
         plan[slot] = vocab.id_of(ch)
     width = form.chars_per_clause + 1
     for line, ch in enumerate(acrostic):
-        slot = line * width
-        if plan[slot] is not None and plan[slot] != vocab.id_of(ch):
-            raise PoemRequestError(f"prompt and acrostic disagree on the first character of line {line + 1}")
-        plan[slot] = vocab.id_of(ch)
+        plan[line * width] = vocab.id_of(ch)
     for line, word in (line_starts or {}).items():
         for offset, ch in enumerate(word[: form.chars_per_clause]):
             slot = line * width + offset

@@ -1,9 +1,11 @@
 """One small ONNX Runtime wrapper: CUDA when a GPU is really there, else CPU, and say which.
 
 ``onnxruntime-gpu`` on a machine without a GPU accepts ``CUDAExecutionProvider``, logs an error per
-session and silently falls back to CPU, while ``get_available_providers()`` still lists CUDA. So we
-ask NVML whether a GPU exists before requesting CUDA, keep ORT's logger quiet while the session is
-created, and report the provider the session actually got.
+session and silently falls back to CPU, while ``get_available_providers()`` still lists CUDA
+(https://github.com/microsoft/onnxruntime/issues/23372, https://github.com/microsoft/onnxruntime/issues/17801).
+So we ask NVML whether a GPU exists before requesting CUDA, keep ORT's logger quiet while the session
+is created, and report the provider the session actually got. The NVML check can go when
+``get_available_providers()`` lists only providers that can start on this machine.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from serving.settings import Settings
+
 _OPTIMISATION = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -26,21 +30,24 @@ _OPTIMISATION = {
 }
 
 
+def gpu_present(settings: Settings | None = None) -> bool:
+    """True when a GPU may be used: ``DLBOOK_DEVICE`` is not ``cpu`` and NVML finds one."""
+    return (settings or Settings.from_env()).prefer_cuda and nvml_gpu_count() > 0
+
+
 @cache
-def gpu_present() -> bool:
-    """True when NVML finds at least one NVIDIA GPU; False on any failure (no driver, no library)."""
-    if os.environ.get("DLBOOK_DEVICE", "auto") == "cpu":
-        return False
+def nvml_gpu_count() -> int:
+    """NVIDIA GPUs NVML finds; 0 on any failure (no driver, no library)."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            return pynvml.nvmlDeviceGetCount() > 0
+            return int(pynvml.nvmlDeviceGetCount())
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # noqa: BLE001 - any NVML failure means "no usable GPU"
-        return False
+        return 0
 
 
 def _cgroup_quota(folder: Path, version: int) -> float | None:
@@ -108,21 +115,28 @@ class RuntimeConfig:
     inter_op_threads: int = 0
     optimisation: str = "all"
     prefer_cuda: bool = True
-    spin: bool = False  # let idle ORT pool threads spin (ORT's default); see from_env
+    spin: bool = False  # let idle ORT pool threads spin (ORT's default); see from_settings
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RuntimeConfig:
+        intra = settings.ort_intra_threads
+        return cls(
+            # unset: one thread per CPU of the container's quota (cgroups), else ORT's choice (0)
+            intra_op_threads=intra if intra is not None else (container_cpu_limit() or 0),
+            inter_op_threads=settings.ort_inter_threads,
+            optimisation=settings.ort_optimisation,
+            prefer_cuda=settings.prefer_cuda,
+            # ORT's pool threads spin-wait between runs by default (session.intra_op.allow_spinning,
+            # https://onnxruntime.ai/docs/performance/tune-performance/threading.html): free latency on
+            # an idle many-core box, but on a busy or small one they burn the cores the HTTP path needs
+            # (in our profile, half the CPU of a served request). Off unless DLBOOK_ORT_SPIN=1.
+            spin=settings.ort_spin,
+        )
 
     @classmethod
     def from_env(cls) -> RuntimeConfig:
-        return cls(
-            # unset: one thread per CPU of the container's quota (cgroups), else ORT's choice (0)
-            intra_op_threads=int(os.environ.get("DLBOOK_ORT_INTRA_THREADS") or container_cpu_limit() or 0),
-            inter_op_threads=int(os.environ.get("DLBOOK_ORT_INTER_THREADS", "0")),
-            optimisation=os.environ.get("DLBOOK_ORT_OPTIMISATION", "all"),
-            prefer_cuda=os.environ.get("DLBOOK_DEVICE", "auto") != "cpu",
-            # ORT's pool threads spin-wait between runs by default: free latency on an idle many-core
-            # box, but on a busy or small one they burn the cores the HTTP path needs (in our
-            # profile, half the CPU of a served request). Off unless DLBOOK_ORT_SPIN=1.
-            spin=os.environ.get("DLBOOK_ORT_SPIN", "0") == "1",
-        )
+        """``from_settings`` on the environment as it is now (scripts and tests; a service passes its own)."""
+        return cls.from_settings(Settings.from_env())
 
 
 class OnnxModel:
@@ -140,7 +154,7 @@ class OnnxModel:
         options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         options.log_severity_level = 3  # errors only: no provider-fallback noise on CPU machines
         providers: list = ["CPUExecutionProvider"]
-        if config.prefer_cuda and gpu_present() and "CUDAExecutionProvider" in ort.get_available_providers():
+        if config.prefer_cuda and nvml_gpu_count() > 0 and "CUDAExecutionProvider" in ort.get_available_providers():
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.provider = self.session.get_providers()[0]

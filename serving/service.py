@@ -14,25 +14,26 @@ import asyncio
 import contextlib
 import functools
 import gc
+import inspect
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import bentoml
 import numpy as np
-from pydantic import Field
 from starlette.responses import JSONResponse, StreamingResponse
 
 from preprocessing import RecordError
 from serving import direct_routes
 from serving.artifacts import ArtifactError
 from serving.batching import MicroBatcher
-from serving.config import ServingLimits, default_model, log_level, models_for, service_options
+from serving.config import service_options
 from serving.direct_routes import DirectRoute
+from serving.errors import ApiError, quiet_client_errors
+from serving.guard import RequestGuardMiddleware
 from serving.house_pricing import HousePricer
-from serving.http_errors import ApiError, RequestGuardMiddleware, error_response, quiet_client_errors
 from serving.image_classification import ImageModel
 from serving.image_to_tensor import (
     ImageInputError,
@@ -46,35 +47,42 @@ from serving.metrics import REQUESTS, batch_observer, poem_step_observer
 from serving.model_store import ExportedModel, ModelNotFound, exported_names, load_exported, locate_exported
 from serving.playground import playground_app
 from serving.poem_engine import DecoderStopped
-from serving.poem_generation import PoemGenerator, PoemRequest
+from serving.poem_generation import PoemGenerator
 from serving.poem_sampling import PoemRequestError
+from serving.request_models import PoemRequest
+from serving.routes import ROUTES, api
+from serving.settings import Settings, current
 
 logger = logging.getLogger("dlbook.serving")
-
-# The poem routes' temperature, described in the OpenAPI schema (its range is checked with the other
-# sampling parameters, in serving/poem_sampling.py, so a value outside it is a 422 with the reason).
-Temperature = Annotated[float, Field(description=(
-    "Sampling temperature, 0 to 5. 0 = greedy (argmax): every free character is the model's most likely "
-    "one (after the repetition penalty), so the poem is the same for every seed; higher values are more varied."))]
 
 
 class _Base:
     """Model loading that never crashes the worker: failures make ``/readyz`` say why instead."""
 
-    limits: ServingLimits
+    limits: Settings  # the worker's settings (serving.settings): request limits, batching, models
     load_errors: list[str]
     loaded: dict[str, ExportedModel]
 
     def _start(self) -> None:
-        logging.getLogger("dlbook").setLevel(log_level())  # after BentoML configured logging in the worker
+        self.limits = current()  # read once per process, shared with the request guard
+        logging.getLogger("dlbook").setLevel(self.limits.log_level)  # after BentoML configured logging
         quiet_client_errors()
-        self.limits = ServingLimits.from_env()
         self.load_errors = []
         self.loaded = {}
 
     def _direct_routes(self) -> dict[str, DirectRoute]:
-        """The hot routes this service answers from its request guard (see :mod:`serving.direct_routes`)."""
-        return {}
+        """The hot routes this service answers from its request guard (see :mod:`serving.direct_routes`):
+        every ``fast`` route of the table (``serving.routes``) whose handler this service has, called
+        undecorated (the guard answers its refusals)."""
+        routes = {}
+        for route in ROUTES:
+            method = getattr(type(self), route.handler, None)
+            if not route.fast or method is None:
+                continue
+            answer = (getattr(self, route.fast_handler) if route.fast_handler
+                      else functools.partial(inspect.unwrap(method.func), self))
+            routes[route.path] = DirectRoute.for_route(route, method.input_spec, answer)
+        return routes
 
     def _settle(self) -> None:
         """Install the direct routes, then move what start-up loaded out of the collector's sight.
@@ -83,19 +91,20 @@ class _Base:
         collection walked: 20-30 ms each on our 2-core machine, landing in the p99 of whichever
         request was running. Frozen, a full collection skips them (measured: under 0.1 ms).
         """
-        direct_routes.install(self._direct_routes())
+        if self.limits.direct_routes:  # DLBOOK_DIRECT_ROUTES=0: everything through BentoML
+            direct_routes.install(self._direct_routes())
         gc.collect()
         gc.freeze()
 
-    def _load_task(self, task: str, load: Callable[[str], ExportedModel] = load_exported) -> dict[str, ExportedModel]:
-        names = models_for(task) or exported_names(task)
+    def _load_task(self, task: str, load: Callable[..., ExportedModel] = load_exported) -> dict[str, ExportedModel]:
+        names = self.limits.models_for(task) or exported_names(task)
         if not names:
             self.load_errors.append(f"no exported {task} model in the BentoML store; run "
                                     "`python -m training export all` (or ./dlbook up)")
         models = {}
         for name in names:
             try:
-                models[name] = load(name)
+                models[name] = load(name, settings=self.limits)
             except (ModelNotFound, ArtifactError, bentoml.exceptions.BentoMLException) as err:
                 self.load_errors.append(f"{name}: {err}")
                 logger.error("cannot load %s: %s", name, err)
@@ -117,7 +126,7 @@ class _Base:
     def _pick(self, task: str, available: dict[str, Any], requested: str, fallback: str) -> tuple[str, Any]:
         if not available:
             raise ApiError(f"no {task} model is loaded: {'; '.join(self.load_errors)}", 503)
-        name = requested or default_model(task, fallback)
+        name = requested or self.limits.default_model(task, fallback)
         if name not in available:
             if requested:
                 raise ApiError(f"unknown model {requested!r}; available: {', '.join(sorted(available))}", 404)
@@ -127,7 +136,7 @@ class _Base:
     def __is_ready__(self) -> bool:
         return not self.load_errors
 
-    @bentoml.api(route="/models")
+    @api
     def models(self) -> dict[str, Any]:
         """The loaded models: name, version, runtime provider, input/output spec, training metrics."""
         return {"models": [m.describe() for m in self.loaded.values()], "problems": self.load_errors}
@@ -142,12 +151,6 @@ class ImageAPIs(_Base):
             for n, m in self.image_models.items()
         }
         self.image_limits = ImageLimits()
-
-    def _direct_routes(self) -> dict[str, DirectRoute]:
-        return {**super()._direct_routes(),
-                "/classify": DirectRoute(ImageAPIs.classify.input_spec, self.classify_uploads, upload_field="images"),
-                "/classify_pixels": DirectRoute(ImageAPIs.classify_pixels.input_spec,
-                                                functools.partial(ImageAPIs.classify_pixels.func, self))}
 
     def _pick_image_model(self, model: str) -> tuple[str, ImageModel]:
         return self._pick("image", self.image_models, model, "fashion-lenet")
@@ -173,7 +176,7 @@ class ImageAPIs(_Base):
         if not 1 <= top_k <= 10:
             raise ApiError(f"top_k must lie between 1 and 10, got {top_k}")
 
-    @bentoml.api(route="/classify")
+    @api
     async def classify(self, images: list[Path], model: str = "", top_k: int = 3,
                        return_frame: bool = False) -> dict[str, Any]:
         """Classify uploaded images (PNG, JPEG, GIF, BMP, WebP, TIFF; any size): label, probability, top-k.
@@ -186,38 +189,32 @@ class ImageAPIs(_Base):
     async def classify_uploads(self, images: list[bytes], model: str = "", top_k: int = 3,
                                return_frame: bool = False) -> JSONResponse:
         """``/classify`` on the uploaded files' bytes (the direct route hands them over from memory)."""
-        try:
-            self._check_image_request(len(images), top_k)
-            name, image_model = self._pick_image_model(model)
-            frames = []
-            for i, data in enumerate(images):
-                try:
-                    if is_small_image(data):  # a thread hop costs more than decoding a small image
-                        gray = decode_image(data, self.image_limits)
-                    else:
-                        gray = await asyncio.to_thread(decode_image, data, self.image_limits)
-                    frames.append(to_dataset_frame(gray, image_model.dataset))
-                except ImageInputError as err:
-                    raise ApiError(f"image {i + 1}: {err.message}", err.status) from err
-            return answer(await self._classify("classify", name, image_model, frames, top_k, return_frame))
-        except ApiError as err:
-            return error_response(err.message, err.status, "classify")
+        self._check_image_request(len(images), top_k)
+        name, image_model = self._pick_image_model(model)
+        frames = []
+        for i, data in enumerate(images):
+            try:
+                if is_small_image(data):  # a thread hop costs more than decoding a small image
+                    gray = decode_image(data, self.image_limits)
+                else:
+                    gray = await asyncio.to_thread(decode_image, data, self.image_limits)
+                frames.append(to_dataset_frame(gray, image_model.dataset))
+            except ImageInputError as err:
+                raise ApiError(f"image {i + 1}: {err.message}", err.status) from err
+        return answer(await self._classify("classify", name, image_model, frames, top_k, return_frame))
 
-    @bentoml.api(route="/classify_pixels")
+    @api
     async def classify_pixels(self, images: list[Any], model: str = "", top_k: int = 3) -> dict[str, Any]:
         """Classify 28×28 arrays (0–255, or 0–1 floats), light on dark as in the data sets."""
-        try:
-            self._check_image_request(len(images), top_k)
-            name, image_model = self._pick_image_model(model)
-            frames = []
-            for i, pixels in enumerate(images):
-                try:
-                    frames.append(array_to_frame(pixels))
-                except ImageInputError as err:
-                    raise ApiError(f"image {i + 1}: {err.message}", err.status) from err
-            return answer(await self._classify("classify_pixels", name, image_model, frames, top_k, False))
-        except ApiError as err:
-            return error_response(err.message, err.status, "classify_pixels")
+        self._check_image_request(len(images), top_k)
+        name, image_model = self._pick_image_model(model)
+        frames = []
+        for i, pixels in enumerate(images):
+            try:
+                frames.append(array_to_frame(pixels))
+            except ImageInputError as err:
+                raise ApiError(f"image {i + 1}: {err.message}", err.status) from err
+        return answer(await self._classify("classify_pixels", name, image_model, frames, top_k, False))
 
 
 class PriceAPIs(_Base):
@@ -229,12 +226,7 @@ class PriceAPIs(_Base):
             for n, p in self.pricers.items()
         }
 
-    def _direct_routes(self) -> dict[str, DirectRoute]:
-        return {**super()._direct_routes(),
-                "/predict_price": DirectRoute(PriceAPIs.predict_price.input_spec,
-                                              functools.partial(PriceAPIs.predict_price.func, self))}
-
-    @bentoml.api(route="/predict_price")
+    @api
     async def predict_price(self, records: list[Any], model: str = "") -> dict[str, Any]:
         """Sale price in dollars per house record (Kaggle column names), with an 80% price range.
 
@@ -243,32 +235,29 @@ class PriceAPIs(_Base):
         meaning ("none": no garage, no alley…). ``price_ranges[i]`` is ``[low, high]``: calibrated so
         that ``range_coverage`` (0.8) of houses sell inside it; it widens as fewer columns are given.
         """
+        name, pricer = self._pick("price", self.pricers, model, "house-price")
+        if not records:
+            raise ApiError("records is empty: send a list of objects with Kaggle House Prices columns")
+        if len(records) > self.limits.max_records:
+            raise ApiError(f"{len(records)} records in one request; the limit is {self.limits.max_records} "
+                           "(DLBOOK_MAX_RECORDS): send them in several requests", 413)
         try:
-            name, pricer = self._pick("price", self.pricers, model, "house-price")
-            if not records:
-                raise ApiError("records is empty: send a list of objects with Kaggle House Prices columns")
-            if len(records) > self.limits.max_records:
-                raise ApiError(f"{len(records)} records in one request; the limit is {self.limits.max_records} "
-                               "(DLBOOK_MAX_RECORDS): send them in several requests", 413)
-            try:
-                completions = pricer.encode(records)
-            except RecordError as err:
-                raise ApiError(str(err), 422) from err
-            REQUESTS.labels("predict_price", name).inc()
-            priced = pricer.prices(completions, await self.price_batchers[name].submit(completions.rows))
-            bad = [i for i, p in enumerate(priced.prices) if not np.isfinite(p)]
-            if bad:
-                raise ApiError(f"records {bad[:10]} give no finite price: their values are far outside anything "
-                               "in the training data; check units and magnitudes", 422)
-            body: dict[str, Any] = {"model": name, "version": pricer.model.tag.split(":")[1],
-                                    "prices": [round(float(p), 2) for p in priced.prices]}
-            if priced.ranges is not None:
-                body["price_ranges"] = np.round(priced.ranges, 2).tolist()
-                body["range_coverage"] = priced.coverage
-            body["imputed"] = priced.imputed
-            return answer(body)
-        except ApiError as err:
-            return error_response(err.message, err.status, "predict_price")
+            completions = pricer.encode(records)
+        except RecordError as err:
+            raise ApiError(str(err), 422) from err
+        REQUESTS.labels("predict_price", name).inc()
+        priced = pricer.prices(completions, await self.price_batchers[name].submit(completions.rows))
+        bad = [i for i, p in enumerate(priced.prices) if not np.isfinite(p)]
+        if bad:
+            raise ApiError(f"records {bad[:10]} give no finite price: their values are far outside anything "
+                           "in the training data; check units and magnitudes", 422)
+        body: dict[str, Any] = {"model": name, "version": pricer.model.tag.split(":")[1],
+                                "prices": [round(float(p), 2) for p in priced.prices]}
+        if priced.ranges is not None:
+            body["price_ranges"] = np.round(priced.ranges, 2).tolist()
+            body["range_coverage"] = priced.coverage
+        body["imputed"] = priced.imputed
+        return answer(body)
 
 
 class PoemAPIs(_Base):
@@ -278,69 +267,44 @@ class PoemAPIs(_Base):
             self._load_task("poem", locate_exported),
             lambda m: PoemGenerator(m, self.limits.max_poem_batch, functools.partial(poem_step_observer, m.name)))
 
-    def _direct_routes(self) -> dict[str, DirectRoute]:
-        return {**super()._direct_routes(),
-                "/generate_poem": DirectRoute(PoemAPIs.generate_poem.input_spec,
-                                              functools.partial(PoemAPIs.generate_poem.func, self)),
-                "/generate_poem_stream": DirectRoute(PoemAPIs.generate_poem_stream.input_spec,
-                                                     functools.partial(PoemAPIs.generate_poem_stream.func, self))}
-
-    def _poem_request(self, model: str, params: dict[str, Any]) -> tuple[str, PoemGenerator, list]:
-        name, generator = self._pick("poem", self.poem_generators, model, "tang-poem")
-        if not 1 <= params["n"] <= self.limits.max_poems:
-            raise ApiError(f"n must lie between 1 and {self.limits.max_poems} (DLBOOK_MAX_POEMS), got {params['n']}")
-        for key in ("prompt", "acrostic"):
-            if len(params[key]) > 64:
-                raise ApiError(f"{key} is {len(params[key])} characters long; a poem holds at most 56")
-        if len(params["theme"]) > 2000:
-            raise ApiError(f"theme is {len(params['theme'])} characters long; keep it under 2000")
+    def _poem_request(self, request: PoemRequest) -> tuple[str, PoemGenerator, list]:
+        """The model and one sampler per poem for a validated request (``serving.request_models``);
+        what is left to refuse depends on the model (a character it never saw: 422)."""
+        name, generator = self._pick("poem", self.poem_generators, request.model, "tang-poem")
         try:
-            samplers = generator.samplers(PoemRequest(**params))
+            samplers = generator.samplers(request)
         except PoemRequestError as err:
             raise ApiError(str(err), 422) from err
         REQUESTS.labels("generate_poem", name).inc()
         return name, generator, samplers
 
-    @bentoml.api(route="/generate_poem")
-    async def generate_poem(self, prompt: str = "", acrostic: str = "", theme: str = "", chars_per_clause: int = 5,
-                            lines: int = 4, temperature: Temperature = 0.8, top_k: int = 0, top_p: float = 0.9,
-                            repetition_penalty: float = 1.1, seed: int | None = None, n: int = 1,
-                            model: str = "") -> dict[str, Any]:
+    @api
+    async def generate_poem(self, request: PoemRequest, /) -> dict[str, Any]:
         """Write ``n`` poems of exactly the asked form (5 or 7 characters a line, 4 or 8 lines).
 
         ``prompt`` starts the poem, ``acrostic`` gives each line's first character, ``theme`` (free
         Chinese text) seeds lines with its keywords. The same ``seed`` and parameters give the same poem.
         """
-        params = {k: v for k, v in locals().items() if k not in ("self", "model")}
         try:
-            name, generator, samplers = self._poem_request(model, params)
+            name, generator, samplers = self._poem_request(request)
             deadline = asyncio.get_running_loop().time() + self.limits.generation_timeout_s
             poems = await asyncio.gather(*[generator.generate(s, deadline) for s in samplers])
             return answer({"model": name, "version": generator.model.tag.split(":")[1], "poems": poems})
-        except TimeoutError:
-            return error_response("generation took longer than DLBOOK_GENERATION_TIMEOUT_S; ask for fewer poems "
-                                  "or try again when the server is less busy", 503, "generate_poem")
-        except DecoderStopped:
-            return error_response("the poem decoding process stopped while writing this poem; it restarts on its "
-                                  "own: try again", 503, "generate_poem")
-        except ApiError as err:
-            return error_response(err.message, err.status, "generate_poem")
+        except TimeoutError as err:
+            raise ApiError("generation took longer than DLBOOK_GENERATION_TIMEOUT_S; ask for fewer poems or try "
+                           "again when the server is less busy", 503) from err
+        except DecoderStopped as err:
+            raise ApiError("the poem decoding process stopped while writing this poem; it restarts on its own: "
+                           "try again", 503) from err
 
-    @bentoml.api(route="/generate_poem_stream")
-    async def generate_poem_stream(self, prompt: str = "", acrostic: str = "", theme: str = "",
-                                   chars_per_clause: int = 5, lines: int = 4, temperature: Temperature = 0.8,
-                                   top_k: int = 0, top_p: float = 0.9, repetition_penalty: float = 1.1,
-                                   seed: int | None = None, n: int = 1, model: str = "") -> dict[str, Any]:
+    @api
+    async def generate_poem_stream(self, request: PoemRequest, /) -> dict[str, Any]:
         """The same poems as ``/generate_poem``, streamed as Server-Sent Events while they are written.
 
         Events: ``token`` (``{"index", "char"}``) per character, then ``done`` with the whole poems,
         or ``error`` with a message if generation fails midway.
         """
-        params = {k: v for k, v in locals().items() if k not in ("self", "model")}
-        try:
-            name, generator, samplers = self._poem_request(model, params)
-        except ApiError as err:
-            return error_response(err.message, err.status, "generate_poem_stream")
+        name, generator, samplers = self._poem_request(request)
         version = generator.model.tag.split(":")[1]
         return StreamingResponse(self._sse(name, version, generator, samplers), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -430,7 +394,7 @@ def _token_event(index: int, char: str) -> str:
     return _event("token", {"index": index, "char": char})
 
 
-_OPTIONS = service_options()
+_OPTIONS = service_options(current())
 
 
 # The playground at /ui shows only the panels whose models /models lists.

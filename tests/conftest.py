@@ -57,6 +57,10 @@ def pytest_configure(config: pytest.Config) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="dlbook-tests-"))
     os.environ["DLBOOK_RUNS"] = str(scratch / "runs")
     os.environ["DLBOOK_PROCESSED"] = str(scratch / "processed")
+    # torch 2.13 warns on every torch.jit.trace/save/load ("`torch.jit.trace` is deprecated"): TorchScript is
+    # deprecated in favour of torch.export since PyTorch 2.11 (https://pytorch.org/blog/pytorch-2-11-release-blog/,
+    # as https://github.com/pytorch/pytorch/issues/65611 closes). We still export TorchScript for the parity check
+    # and the TorchServe peer; delete this filter when nothing here calls torch.jit any more.
     warnings.filterwarnings("ignore", message=".*torch.jit.*", category=DeprecationWarning)
 
 

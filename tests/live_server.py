@@ -38,7 +38,9 @@ class LiveServer:
         """The BentoML 1.4 worker processes: children of the arbiter running ``_bentoml_impl.worker.service``.
 
         They are not in the arbiter's process group (circus starts each in a session of its own), so
-        they are found through the process tree, not with ``killpg``.
+        they are found through the process tree, not with ``killpg`` (the same workers outliving a
+        killed server: https://github.com/bentoml/OpenLLM/issues/354). ``loadtests/servers.py`` says
+        when this can go.
         """
         try:
             children = psutil.Process(self.proc.pid).children(recursive=True)

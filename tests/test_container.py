@@ -109,7 +109,9 @@ def test_bentoml_renders_the_dockerfile_with_our_additions(tmp_path: Path, monke
     from bentoml._internal.bento.build_config import CondaOptions, DockerOptions
     from bentoml._internal.container.generate import generate_containerfile
 
-    monkeypatch.chdir(REPO)  # BentoML reads the template only from under the working directory
+    # BentoML (1.4.36 to 1.4.39 at least) reads the template only from under the working directory:
+    # https://github.com/bentoml/BentoML/issues/5566; the chdir can go with that fix, as in deploy/container/image.py
+    monkeypatch.chdir(REPO)
     docker = yaml.safe_load((REPO / "bentofile.yaml").read_text())["docker"]
     (tmp_path / "env" / "docker").mkdir(parents=True)
     text = generate_containerfile(DockerOptions(**docker).with_defaults(), build_ctx=str(REPO), conda=CondaOptions(),

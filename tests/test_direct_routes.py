@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse
 
 from serving import direct_routes
 from serving.direct_routes import DirectRoute
-from serving.http_errors import RequestGuardMiddleware
+from serving.guard import RequestGuardMiddleware
 from serving.multipart_form import FormError, parse_form
 from training.datasets.house import read_house_csv
 from training.datasets.images import load_image_split

@@ -8,6 +8,11 @@ also under ``docs/``, where the documents live). Things that are not paths of th
 listed in ``NOT_REPO_PATHS``: files beside a development checkout (``../shared/``), outputs git
 ignores (``runs/…``), paths inside other projects. Absolute paths (``/tmp/…``), URLs and placeholders
 (``runs/<run>/…``, ``training/tasks/*.py``) are not path-like tokens at all.
+
+No doc text promises work for later either: a milestone still to come, or a to-do/fix-me marker,
+goes stale the day the work lands or is dropped, and the issue tracker is where open work lives.
+``test_no_doc_text_promises_later_work`` scans the same doc text (and the comment lines of shell,
+YAML, TOML and template files) for those markers (``STALE_MARKERS``).
 """
 
 from __future__ import annotations
@@ -31,13 +36,18 @@ PATH = re.compile(r"(?<![\w./~$@*{-])((?:\.{1,2}/)*[\w][\w.+-]*(?:/[\w][\w.+-]*)
 # a bare document name: capitals, as this repository and its neighbours name their documents
 BARE_DOC = re.compile(r"(?<![\w./~$@*{-])([A-Z][A-Z0-9_]+\.md)(?![\w/-])")
 URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+")
+# Promises of later work in doc text: a milestone to come (any case), or an upper-case work marker.
+STALE_MARKERS = re.compile(r"(?i:\b(?:next|later|future|upcoming) milestone\b|\bcoming soon\b)|\b(?:TODO|FIXME|XXX)\b")
+# Files whose comment lines (starting with '#') are doc text too; Markdown is doc text whole.
+COMMENTED = (".sh", ".yaml", ".yml", ".toml", ".conf", ".cfg", ".j2")
+COMMENTED_NAMES = ("dlbook", ".ci/run")
 
 # Named in the docs on purpose, but not files of this repository (a token is allowed when it
 # starts with one of these).
 NOT_REPO_PATHS = (
     "../shared/",  # data and notes beside a development checkout, not in the repository
     "runs/",  # training runs, benchmark and load-test outputs: git-ignored
-    "bentoml/",  # inside the installed BentoML package
+    "bentoml/", "_bentoml_sdk/",  # inside the installed BentoML distribution (its core and its SDK package)
     "env/python/", "env/docker/",  # inside a built Bento
     "dist/",  # inside the npm package chinese-poetry, where data/README.md says the poems come from
     "MODEL_CARD.md",  # written into each exported model's folder in the BentoML store
@@ -118,6 +128,42 @@ def test_every_repo_path_the_docs_name_exists() -> None:
     assert len(names) > 50, names  # git sees the checkout
     broken = broken_references(names)
     assert broken == [], "docs name files that are not in the repository:\n" + "\n".join(broken)
+
+
+def stale_markers(names: list[str]) -> list[str]:
+    """``file:line: text`` of every doc text line that promises later work."""
+    found = []
+    for name in names:
+        if name.endswith(".py") or name.endswith(".md"):
+            chunks = doc_text(name)
+        else:
+            lines = (REPO / name).read_text(encoding="utf-8", errors="replace").splitlines()
+            chunks = [(i, line) for i, line in enumerate(lines, start=1)
+                      if line.lstrip().startswith(("#", "{#"))]
+        for start, text in chunks:
+            for offset, line in enumerate(text.splitlines()):
+                if STALE_MARKERS.search(URL.sub(" ", line)):
+                    found.append(f"{name}:{start + offset}: {line.strip()}")
+    return found
+
+
+def test_no_doc_text_promises_later_work() -> None:
+    names = [n for n in tracked() if not n.startswith("data/")
+             and (n.endswith((".py", ".md", *COMMENTED)) or n in COMMENTED_NAMES)]
+    assert len(names) > 50 and "dlbook" in names, names
+    stale = stale_markers(names)
+    assert stale == [], "doc text promises later work (say what is true now; open work goes in an issue):\n" + \
+        "\n".join(stale)
+
+
+def test_a_stale_marker_is_reported_and_code_is_not() -> None:
+    marker = "TO" + "DO"  # spelt in two pieces, so this file's own doc text stays clean
+    source = (f'"""Services on ONNX Runtime (next Milestone)."""\n# {marker}: tidy\n'
+              f'NAME = "{marker}"  # a string in code is not doc text\n# see https://example.org/{marker}\n')
+    lines = [text for _, chunk in python_doc_text(source) for text in chunk.splitlines()
+             if STALE_MARKERS.search(URL.sub(" ", text))]
+    assert lines == ["Services on ONNX Runtime (next Milestone).", f"# {marker}: tidy"]
+    assert not STALE_MARKERS.search("a todo list, the milestones so far, XXXL")
 
 
 @pytest.mark.parametrize(

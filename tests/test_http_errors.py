@@ -10,7 +10,9 @@ import sys
 import pydantic
 from bentoml.exceptions import BadInput, InternalServerError
 
-from serving.http_errors import ClientErrorLogFilter, request_id_for, route_label
+from serving.errors import ClientErrorLogFilter
+from serving.guard import request_id_for
+from serving.routes import route_label
 
 
 def _record(error: BaseException) -> logging.LogRecord:

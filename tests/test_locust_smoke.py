@@ -56,7 +56,9 @@ def test_locust_run_meets_its_slos_on_every_endpoint(server: str, tmp_path: Path
 def test_without_any_data_root_the_users_load_the_committed_samples(tmp_path: Path) -> None:
     """A machine with no data sets (no $DLBOOK_DATA, data/raw or ../shared/data) still runs the load
     test on the real samples committed under data/samples. In a subprocess: importing Locust patches
-    this process's sockets and threads (gevent)."""
+    this process's sockets and threads (gevent; Locust does it unconditionally on import,
+    https://github.com/locustio/locust/issues/2250). Run it in process if Locust ever makes the
+    patching optional."""
     probe = (
         "import sys\n"
         "import training.paths as paths\n"

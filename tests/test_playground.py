@@ -262,10 +262,10 @@ def test_api_refusals_are_shown_as_readable_messages(page: Any, server: str, exp
 
 def test_a_keyed_single_task_service_asks_for_the_key_and_shows_its_panel(
         browser: Any, exported: dict[str, dict], tmp_path: Path) -> None:
-    from serving.http_errors import is_open
+    from serving.guard import is_open
 
     if not (is_open("/ui/") and is_open("/ui/app.js")):
-        pytest.skip("serving/http_errors.py does not exempt /ui from the API key yet (OPEN_PATHS/OPEN_PAGES), "
+        pytest.skip("serving/guard.py does not exempt /ui from the API key yet (OPEN_PATHS/OPEN_PAGES), "
                     "so a keyed service cannot serve the page")
     with serve("PriceService", tmp_path / "server.log", DLBOOK_API_KEY=API_KEY, **STEADY,
                DLBOOK_PRICE_MODELS="house-price") as base:

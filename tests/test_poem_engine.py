@@ -4,15 +4,23 @@ server's side in this process, the decoding loop in the process it starts."""
 from __future__ import annotations
 
 import asyncio
+import os
+import queue
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import bentoml
+import numpy as np
 import pytest
 
 from preprocessing import Vocabulary
+from serving.poem_decoder import _SIGNALLED, StepLoop
 from serving.poem_engine import PoemEngine
+from serving.poem_protocol import AddPoem, CancelPoem, Kind, Retire, Step
 from serving.poem_sampling import PoemForm, PoemSampler, SamplingParams, plan_poem
+from training.datasets.poems import read_tang300
 
 
 def _engine(exported: dict[str, dict]) -> tuple[PoemEngine, Vocabulary]:
@@ -167,28 +175,82 @@ def test_a_cancelled_poem_leaves_the_batch(engine_parts) -> None:
     assert engine._live == {}
 
 
-def test_sigterm_to_the_decoding_process_does_not_end_the_poems_in_flight(exported: dict[str, dict]) -> None:
+def test_sigterm_drains_the_decoding_process_its_poems_finish_and_new_poems_go_to_a_new_one(
+        exported: dict[str, dict]) -> None:
     """BentoML's process manager sends SIGTERM to a worker's children when the server drains: the
-    decoding process leaves the drain to the server (it ends when its input closes), so a poem being
-    written when the signal lands is finished whole."""
-    import os
-    import signal
-
+    decoding process finishes the poem it is writing (whole, no ``error``), then exits by itself with
+    status 0; the next poem starts a new process."""
     engine, vocab = _engine(exported)
     proc = engine._decoder.proc
-    pid = proc.pid
 
     async def run() -> str:
-        chars = []
+        chars: list[str] = []
         async for chunk in engine.chunks(_samplers(vocab, 1, seed=41)[0], every_s=0.0):
             if not chars:
-                os.kill(pid, signal.SIGTERM)  # mid-poem, as during a graceful shutdown
+                os.kill(proc.pid, signal.SIGTERM)  # mid-poem, as during a graceful shutdown
             chars.extend(chunk)
         return "".join(chars)
 
     try:
         poem = asyncio.run(asyncio.wait_for(run(), timeout=60))
-        assert len(poem) == 64 and engine._decoder.proc is proc and proc.poll() is None
+        assert len(poem) == 64
+        assert proc.wait(timeout=30) == 0  # no longer ignored: it drained and left
+        after = asyncio.run(asyncio.wait_for(engine.generate(_samplers(vocab, 1, seed=42)[0]), timeout=120))
+        assert len(after) == 64 and engine._decoder.proc.pid != proc.pid
     finally:
         engine.stop()
-    assert proc.poll() is not None  # closing its input still ends it
+
+
+def test_an_idle_decoding_process_exits_on_sigterm_and_when_its_input_closes(exported: dict[str, dict]) -> None:
+    engine, _ = _engine(exported)
+    idle = engine._decoder.proc
+    os.kill(idle.pid, signal.SIGTERM)
+    assert idle.wait(timeout=30) == 0
+    engine.start()  # a new one
+    second = engine._decoder.proc
+    assert second.pid != idle.pid and second.poll() is None
+    engine.stop()  # closes its input: the way a server that stops or dies ends it
+    assert second.poll() is not None
+
+
+class _FakeGraph:
+    """Stands in for the ONNX step graph in the decoding loop: random logits, a zero state."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        self.rng = np.random.default_rng(0)
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        rows = len(feeds["token"])
+        return [self.rng.normal(size=(rows, self.vocab_size)).astype(np.float32), np.zeros_like(feeds["hidden"])]
+
+
+def test_the_decoding_loop_speaks_the_protocol_drain_retire_cancel() -> None:
+    """The decoder's side of serving.poem_protocol, in this process: two poems join, one is cancelled,
+    SIGTERM is reported as Draining once, and after Retire the loop writes what it holds and returns."""
+    vocab = Vocabulary.build(read_tang300())
+    plan = tuple(plan_poem(PoemForm(5, 4), vocab))
+    sent: list = []
+    loop = StepLoop(_FakeGraph(len(vocab), 8), vocab, 1, 8, max_batch=1, send=sent.append)  # type: ignore[arg-type]
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    for message in (AddPoem(1, plan, SamplingParams(), 1), AddPoem(2, plan, SamplingParams(0.0), 2),
+                    AddPoem(3, plan, SamplingParams(), 3), CancelPoem(3), _SIGNALLED, _SIGNALLED, Retire()):
+        inbox.put(message)
+    runner = threading.Thread(target=loop.run, args=(inbox,), daemon=True)
+    runner.start()
+    runner.join(timeout=30)
+    assert not runner.is_alive(), "the loop must return once retired with nothing left to write"
+    assert [m.kind for m in sent].count(Kind.DRAINING) == 1 and sent[0].kind is Kind.DRAINING
+    steps = [m for m in sent if isinstance(m, Step)]
+    written = {i: [t for m in steps for pid, t in zip(m.poem_ids, m.tokens, strict=True) if pid == i]
+               for i in (1, 2, 3)}
+    assert len(written[1]) == len(written[2]) == len(plan) and written[3] == []  # max_batch 1: one after the other
+    assert all(m.rows == 1 for m in steps)
+    assert vocab.decode(written[1])[5] == "，" and vocab.decode(written[2])[-1] == "。"
+    # end of input ends the loop at once, poems held or not
+    inbox.put(AddPoem(4, plan, SamplingParams(), 4))
+    inbox.put(None)
+    after_close: list = []
+    fresh = StepLoop(_FakeGraph(len(vocab), 8), vocab, 1, 8, max_batch=4, send=after_close.append)  # type: ignore[arg-type]
+    fresh.run(inbox)  # a None in the inbox: returns at once
+    assert after_close == [] and [s.id for s in fresh.waiting] == [4]

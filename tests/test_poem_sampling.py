@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from preprocessing import Vocabulary
 from serving.poem_sampling import (
@@ -19,6 +20,7 @@ from serving.poem_sampling import (
     sample_next,
     sample_rows,
 )
+from serving.request_models import PoemRequest
 from training.datasets.poems import read_tang300
 
 
@@ -28,20 +30,31 @@ def vocab() -> Vocabulary:
 
 
 def test_plan_forces_marks_prompt_and_acrostic(vocab: Vocabulary) -> None:
-    form = PoemForm(5, 4)
-    plan = plan_poem(form, vocab, prompt="春眠，不觉", acrostic="春处夜花")
+    request = PoemRequest(prompt="春眠，不觉", acrostic="春处夜花")  # the request drops the mark
+    plan = plan_poem(request.form, vocab, request.prompt, request.acrostic)
     text = ["·" if t is None else vocab.tokens[t] for t in plan]
     assert "".join(text) == "春眠不觉·，处····。夜····，花····。"
 
 
+@pytest.mark.parametrize("field", ["prompt", "acrostic"])
+def test_characters_the_model_never_saw_are_refused_by_the_plan(vocab: Vocabulary, field: str) -> None:
+    unknown = next(ch for ch in (chr(c) for c in range(0x4E00, 0x9FA6)) if ch not in vocab)
+    with pytest.raises(PoemRequestError, match=f"{field} has characters the model never saw: {unknown}"):
+        plan_poem(PoemForm(5, 4), vocab, **{field: unknown})
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [({"prompt": "春😀"}, "never saw"), ({"acrostic": "一二三四五"}, "5 characters"),
-     ({"prompt": "夜" * 21}, "holds 20"), ({"prompt": "床", "acrostic": "春"}, "disagree")],
+    ("fields", "message"),
+    [({"prompt": "春😀"}, "only Chinese characters"), ({"acrostic": "一二三四五"}, "has 5 characters"),
+     ({"prompt": "夜" * 21}, "holds 20"), ({"prompt": "床", "acrostic": "春"}, "line 1 starts with 床"),
+     ({"prompt": "夜" * 29, "chars_per_clause": 7}, "holds 28"), ({"acrostic": "一二三四五", "lines": 8}, None)],
 )
-def test_impossible_plans_are_refused(vocab: Vocabulary, kwargs: dict, message: str) -> None:
-    with pytest.raises(PoemRequestError, match=message):
-        plan_poem(PoemForm(5, 4), vocab, **kwargs)
+def test_impossible_poems_are_refused_by_the_request(fields: dict, message: str | None) -> None:
+    if message is None:
+        assert PoemRequest(**fields).acrostic == fields["acrostic"]
+        return
+    with pytest.raises(ValidationError, match=message):
+        PoemRequest(**fields)
 
 
 def test_sampling_respects_mask_top_k_and_top_p(vocab: Vocabulary) -> None:
@@ -122,10 +135,17 @@ def test_same_seed_same_poem_and_exact_form(vocab: Vocabulary) -> None:
 
 
 @pytest.mark.parametrize("bad", [{"temperature": -0.1}, {"temperature": 5.01}, {"top_p": 0.0}, {"top_p": 1.5},
-                                 {"top_k": -1}, {"repetition_penalty": 0.5}, {"temperature": float("nan")}])
+                                 {"top_k": -1}, {"repetition_penalty": 0.5}, {"temperature": float("nan")},
+                                 {"temperature": float("inf")}])
 def test_sampling_parameters_out_of_range(bad: dict) -> None:
-    with pytest.raises(PoemRequestError):
-        SamplingParams(**bad)
+    (field,) = bad
+    with pytest.raises(ValidationError, match=field):
+        PoemRequest(**bad)
+
+
+def test_the_sampler_gets_the_validated_parameters() -> None:
+    request = PoemRequest(temperature=0.0, top_k=5, top_p=0.5, repetition_penalty=1.3)
+    assert request.sampling == SamplingParams(0.0, 5, 0.5, 1.3)
 
 
 def test_repetition_penalty_counts_a_token_once() -> None:

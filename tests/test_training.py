@@ -1,10 +1,12 @@
 """Short real trainings: every preset learns, the defaults clearly beat chance, seeds reproduce,
-resume continues exactly, and a run leaves model.pt, metrics.json and a plot behind."""
+resume continues exactly, early stopping keeps the best epoch's weights, the price calibration's
+fold models train exactly as ``fit`` does, and a run leaves model.pt, metrics.json and a plot behind."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,8 +14,8 @@ import pytest
 import torch
 
 from models import build_model
-from training.loop import fit
-from training.recipes import RECIPES
+from training.loop import fit, train_epochs
+from training.recipes import RECIPES, Phase
 from training.seeding import seed_everything
 from training.train import TrainOptions, _resolve, build_task, train
 
@@ -100,3 +102,68 @@ def test_phases_switch_optimiser_and_epoch_caps_keep_every_phase() -> None:
     assert [p.epochs for p in capped.phases] == [3, 1] and capped.epochs == 4
     assert [p.optimizer for p in capped.phases] == ["sgd", "adam"]
     assert replace(mmids).epochs == 20
+
+
+class _ScriptedTask:
+    """A tiny regression task whose validation scores are scripted, to watch early stopping decide."""
+
+    monitor, mode = "score", "min"
+
+    def __init__(self, scores: list[float]) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(16, 2, generator=gen), torch.randn(16, 1, generator=gen)
+        self.scores: list[float] = scores
+        self.weights_seen: list[dict[str, torch.Tensor]] = []
+
+    def num_batches(self) -> int:
+        return 2
+
+    def batches(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        perm = torch.randperm(16, generator=generator)
+        yield self.x[perm[:8]], self.y[perm[:8]]
+        yield self.x[perm[8:]], self.y[perm[8:]]
+
+    def loss(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = torch.nn.functional.mse_loss(model(inputs), targets)
+        return loss, {"sq": loss.item()}
+
+    def summarise(self, totals: dict[str, float]) -> dict[str, float]:
+        return {"train": totals["sq"]}
+
+    def validate(self, model: torch.nn.Module) -> dict[str, float]:
+        self.weights_seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"score": self.scores[len(self.weights_seen) - 1]}
+
+
+def test_early_stopping_stops_after_patience_and_keeps_the_best_epochs_weights(tmp_path: Path) -> None:
+    recipe = replace(RECIPES["mlp-deep"], phases=(Phase(6, "sgd", 0.1),), patience=2, max_steps=None)
+    task = _ScriptedTask([3.0, 1.0, 2.0, 2.5, 0.5, 0.1])  # epochs 3 and 4 are worse than epoch 2
+    model = torch.nn.Linear(2, 1)
+    result = fit(model, task, recipe, tmp_path, torch.Generator().manual_seed(0), progress=False)
+    assert (result.stopped_early, result.best_epoch, result.best_score) == (True, 2, 1.0)
+    assert len(result.history) == 4 and result.steps == 8
+    best, last = task.weights_seen[1], task.weights_seen[3]
+    assert not torch.equal(best["weight"], last["weight"])
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+
+
+def test_fold_models_train_exactly_as_fit_trains(tmp_path: Path) -> None:
+    # the price task's calibration trains its fold models with train_epochs: without validation,
+    # early stopping or checkpoints, but with fit's phases and passes, so the weights are fit's to the bit
+    recipe = RECIPES["price_mlp-book"].with_epochs(3)
+    assert recipe.patience is None  # fit keeps the last epoch's weights, as train_epochs does
+    task, config, _ = build_task(recipe, "house-prices", None, torch.device("cpu"))
+    trained = []
+    for train_with in ("fit", "train_epochs"):
+        generator = seed_everything(0, torch.device("cpu"))
+        model = build_model(recipe.architecture, config)
+        if train_with == "fit":
+            steps = fit(model, task, recipe, tmp_path, generator, progress=False).steps
+        else:
+            steps = train_epochs(model, task, recipe, generator, recipe.epochs)
+        trained.append((steps, model.state_dict()))
+    (fit_steps, fitted), (fold_steps, folded) = trained
+    assert fit_steps == fold_steps > 0
+    assert fitted.keys() == folded.keys()
+    assert all(torch.equal(fitted[k], folded[k]) for k in fitted)

@@ -1,5 +1,5 @@
 """Command line: ``python -m training COMMAND``: fetch, train, presets, summary, report, house-eval, export,
-quantize-report, robustness, up."""
+quantize-report, robustness, poem-eval, up."""
 
 from __future__ import annotations
 
@@ -129,6 +129,12 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     return 0 if records else 1
 
 
+def _cmd_poem_eval(args: argparse.Namespace) -> int:
+    from training.poem_sound_eval import main
+
+    return main(args.models, args.runs, note=args.note, write=not args.no_write)
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from training.quickstart import quickstart
 
@@ -211,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="docs/RESULTS.md")
     p.add_argument("--no-write", action="store_true", help="print the figures only")
     p.set_defaults(func=_cmd_robustness)
+
+    p = sub.add_parser("poem-eval", help="rhyme, tones, perplexity, diversity and copying of generated poems, "
+                                         "with and without constraints → docs/records/poem-sound-eval.json")
+    p.add_argument("--models", nargs="+", help="model store names (default: every poem model in the store)")
+    p.add_argument("--runs", nargs="+", help="run folders under runs/ as well (default when the store has none: "
+                                             "every runs/poem_rnn-*)")
+    p.add_argument("--note", default="", help="a line for the RESULTS.md section (e.g. which hardware trained it)")
+    p.add_argument("--no-write", action="store_true", help="print the figures only")
+    p.set_defaults(func=_cmd_poem_eval)
 
     p = sub.add_parser("up", help="get data, train what is missing, then serve (the README's first command)")
     p.add_argument("--profile", choices=["quick", "full"], default="quick")

@@ -308,6 +308,10 @@ def export_run(run_dir: Path, name: str | None = None, store: bool = True, int8:
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "opset": OPSET,
                          "python": platform.python_version()},
         }
+        if summary["task"] == "poem":  # 平水韵 groups of the vocabulary: serving's rhyme and tone masks
+            from training.poem_sounds import build_sound_table
+
+            meta["prosody"] = build_sound_table(saved["preprocessing"]["vocab"]["tokens"])
         files = ["model.onnx", "model.ts", "MODEL_CARD.md"]
         if int8:
             from training.quantize import quantize_for_export

@@ -5,11 +5,18 @@ with ``reduce_range``: weights stored once as int8 in [-64, 64] per output chann
 quantised to uint8 on the fly per call, no calibration data. What it touches here, and why:
 - ``MatMul`` and ``Gemm``: the dynamo exporter writes ``nn.Linear`` as ``Gemm``, which ORT's
   integer-op quantiser skips, so a ``Gemm`` with constant weights is first rewritten as the
-  equivalent ``MatMul`` + ``Add`` (``gemm_as_matmul``).
+  equivalent ``MatMul`` + ``Add`` (``gemm_as_matmul``). Upstream: ``Gemm`` is not in
+  ``onnxruntime.quantization.registry.IntegerOpsRegistry`` (onnxruntime 1.31.1; the request was
+  closed as won't-fix, https://github.com/microsoft/onnxruntime/issues/2340). Delete the rewrite
+  when that registry lists ``Gemm``.
 - ``Gather``: the poem model's embedding table.
 - ``Conv`` stays float: ORT's ``ConvInteger`` has no fast CPU kernel (``python -m training
   quantize-report`` times LeNet with int8 convolutions on every run and writes the figure into
-  docs/QUANTIZATION.md), and ``GRU`` stays float because ORT has no dynamic int8 GRU.
+  docs/QUANTIZATION.md; upstream: https://github.com/microsoft/onnxruntime/issues/12206, open).
+  Quantise ``Conv`` when that report measures int8 convolutions faster than float. ``GRU`` stays
+  float because ORT has no dynamic int8 GRU (only ``LSTM`` is in ``IntegerOpsRegistry``; the
+  maintainers have no plan for GRU: https://github.com/microsoft/onnxruntime/issues/9796);
+  quantise it when the registry lists ``GRU``.
 
 Why 7-bit weights (issue 18). ORT multiplies uint8 activations by int8 weights. With VNNI
 (``vpdpbusd``) or AMX the integer product is exact. On AVX2 (and AVX-512BW) without VNNI it runs on
@@ -17,7 +24,11 @@ Why 7-bit weights (issue 18). ORT multiplies uint8 activations by int8 weights. 
 2·255·127 = 64,770 > 32,767, so the same int8 graph gives other logits there (the suite's brief digit
 MLP: max abs 0.59 instead of 0.010, 11 of 500 test images lost, under ``qemu-x86_64 -cpu EPYC-Milan``;
 0.84 on the AMD EPYC of the issue). Weights in [-64, 64] keep every pair within 2·255·64 = 32,640, so
-the product is exact on every x86 CPU and the graph gives the same numbers everywhere. Measured on
+the product is exact on every x86 CPU and the graph gives the same numbers everywhere. The same
+saturation and the same 7-bit workaround are documented for Intel CPUs without VNNI at
+https://docs.openvino.ai/latest/pot_saturation_issue.html. The condition for going back to 8-bit
+weights: no x86 CPU without VNNI or AMX may serve the graph (``tests/test_quantize.py`` fails when an
+ORT release stops saturating on such a CPU). Measured on
 every model against the alternatives (``SCHEMES``; records ``docs/bench/int8-schemes-*.json``, written
 by ``python -m training.quantize_report schemes``, natively on a VNNI + AMX Xeon and emulated on an
 AVX2-only EPYC):

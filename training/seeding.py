@@ -17,6 +17,10 @@ def seed_everything(seed: int, device: torch.device) -> torch.Generator:
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     else:
+        # cuBLAS determinism on CUDA >= 10.2, as PyTorch's reproducibility notes asked
+        # (https://pytorch.org/docs/stable/generated/torch.use_deterministic_algorithms). PyTorch has since
+        # dropped that requirement from its docs and checks (https://github.com/pytorch/pytorch/pull/161749):
+        # delete this line once two CUDA trainings of one seed give the same metrics without it.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed)

@@ -13,9 +13,14 @@
    generates the Dockerfile (with deploy/container/Dockerfile.j2 as its ``dockerfile_template``) and runs
    ``podman build``. Three build options are ours: the network of the host, the machine's CA bundle mounted
    for uv where TLS is re-signed (never kept in the image), and uv itself mounted from ./.venv (BentoML's
-   Dockerfile otherwise runs ``pip install uv``, which Debian's Python refuses: PEP 668, and which would leave
-   37 MB of uv in the image), with uv's download cache kept outside the image. The CLI's ``--opt volume=`` takes
-   one volume only (it joins several with ':'), hence the Python API.
+   Dockerfile otherwise runs ``pip install uv``, which Debian's Python refuses: PEP 668,
+   https://peps.python.org/pep-0668/; a base image without pip fails the same way upstream,
+   https://github.com/bentoml/BentoML/issues/5245; and it would leave 37 MB of uv in the image), with uv's
+   download cache kept outside the image. The mount can go when BentoML's Dockerfile takes uv from the base
+   image instead of running ``pip install uv``. The CLI's ``--opt volume=`` takes one volume only (it joins
+   several with ':', as the podman backend reads a tuple as one volume's parts; BentoML 1.4.39, no upstream
+   report found), hence the Python API: back to the CLI when ``bentoml containerize --opt volume=A --opt
+   volume=B`` passes both.
 
 Variants: ``cpu`` installs ``onnxruntime`` (ONNX Runtime's CPU build) instead of ``onnxruntime-gpu`` at the
 same version: the same serving code (serving/runtime.py asks for CUDA only when NVML finds a GPU *and* the
@@ -201,7 +206,9 @@ def containerize(tool: str, bento_tag: str, tags: list[str], fresh: bool = False
     options: dict = {"tag": tuple(tags), "network": "host"}
     volumes = []
     if tool == "podman":
-        options["format"] = "docker"  # OCI images drop HEALTHCHECK; Docker's format keeps it
+        # OCI images drop HEALTHCHECK (not in the OCI image spec: https://github.com/opencontainers/image-spec/issues/749);
+        # Docker's format keeps it. Delete when that spec carries a health check and podman writes it.
+        options["format"] = "docker"
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dlbook-image" / "uv"
         if fresh:  # every package downloaded again, every layer built again: the time a first build takes
             shutil.rmtree(cache, ignore_errors=True)
@@ -217,12 +224,16 @@ def containerize(tool: str, bento_tag: str, tags: list[str], fresh: bool = False
             volumes.append(f"{bundle}:/etc/ssl/certs/ca-certificates.crt:ro")
             build_args.append("SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt")
         options["build_arg"] = tuple(build_args)
-        options["volume"] = volumes  # a list: BentoML's podman backend joins a tuple into one volume
+        # a list: BentoML's podman backend reads a tuple as the parts of one volume (its signature in BentoML
+        # 1.4.39: volume: str | tuple[str, str, str]) and joins them with ':'
+        options["volume"] = volumes
     os.environ.update({k: v for k, v in tool_env(tool).items() if k == "CONTAINERS_CONF"})
     log(f"bentoml containerize {bento_tag} --backend {tool} " + " ".join(f"-t {t}" for t in tags))
     # BentoML 1.4.39 re-reads the Bento's dockerfile_template from a temporary folder and refuses it unless that
     # folder lies under the working directory ("Accessing file outside of current working directory is not
-    # allowed"): so containerize runs from the temporary folders' parent.
+    # allowed"): so containerize runs from the temporary folders' parent. A regression of BentoML 1.4.36
+    # (https://github.com/bentoml/BentoML/issues/5566, open; fixes proposed in pull requests 5596 and 5673).
+    # Delete the chdir when a BentoML release with that fix containerizes from the repository root.
     here = os.getcwd()
     os.chdir(tempfile.gettempdir())
     try:

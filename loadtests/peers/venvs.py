@@ -1,6 +1,7 @@
 """One virtualenv per peer server, built once under ``loadtests/peers/.venvs/`` (git-ignored) and reused.
 
-Why separate environments: PyTriton pins numpy < 2 and brings its own tritonclient/grpc stack;
+Why separate environments: PyTriton pins numpy < 2 (nvidia-pytriton 0.7.0: ``numpy<2.0.0,>=1.21``;
+https://github.com/triton-inference-server/pytriton/issues/93, open) and brings its own tritonclient/grpc stack;
 TorchServe wants torch. Neither may touch the project's ``.venv`` or ``constraints.txt``, whose
 versions our service is measured with. Each environment records, in ``.dlbook-peer.json``, what it
 was built from (the spec), how long the build took and how big it is, so the benchmark can report
@@ -14,9 +15,14 @@ Two traps this module handles:
   ``AttributeError: '_thread.RLock' object has no attribute '_recursion_count'`` (3.11.7's
   ``multiprocessing.resource_tracker`` calling a C method 3.11.2 lacks). So the Triton venv is built
   on the interpreter that matches that library (``/usr/bin/python3.11`` here), and
-  :func:`check_triton_stub` verifies the match, failing with that explanation otherwise.
+  :func:`check_triton_stub` verifies the match, failing with that explanation otherwise. Reported
+  upstream for 3.11.7 against 3.11.5 (https://github.com/triton-inference-server/pytriton/issues/51,
+  closed as stale, nvidia-pytriton 0.7.0 still affected here); the pick of interpreter can go when
+  the stub loads the virtualenv's own libpython, i.e. when ``check_triton_stub`` passes on pyenv's 3.11.
 * ``torch==2.13.0`` exactly: pip finds the CPU wheel in the machine's local ``find-links`` folder;
-  any other torch spec resolves on PyPI to the CUDA build and its gigabytes of nvidia-* wheels.
+  any other torch spec resolves on PyPI to the CUDA build and its gigabytes of nvidia-* wheels
+  (there is no CPU-only torch on PyPI: https://github.com/pytorch/pytorch/issues/26340). Loosen it
+  when PyPI offers one, or when the venv installs from PyTorch's CPU index.
 """
 
 from __future__ import annotations
@@ -67,7 +73,10 @@ def specs() -> dict[str, PeerSpec]:
                            ("nvidia-pytriton==0.7.0", f"onnxruntime=={_project_ort_version()}", "numpy")),
         "torchserve": PeerSpec("torchserve", sys.executable,
                                ("torchserve==0.12.*", "torch-model-archiver==0.12.*", "torch==2.13.0", "numpy",
-                                # ts.utils imports yaml but torchserve 0.12 does not declare it
+                                # ts.utils imports yaml but torchserve 0.12.0 does not declare it
+                                # (https://github.com/pytorch/serve/issues/2013: the fix went into its
+                                # requirements files, not the package's Requires-Dist); drop it when
+                                # `pip show torchserve` lists PyYAML
                                 "pyyaml")),
     }
 

@@ -16,6 +16,7 @@ records (73% held on the holdout instead of 80%), while the folds' 1,168 held-ou
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -146,38 +147,23 @@ class PriceTask:
 
     def train_model(self, recipe: Recipe, config: PriceMLPConfig, train: np.ndarray, epochs: int,
                     seed: int) -> nn.Module:
-        """The recipe's model trained for ``epochs`` epochs on ``train`` rows (no early stopping)."""
-        from training.loop import _phase_at, make_optimizer, make_scheduler
+        """The recipe's model trained for ``epochs`` epochs on ``train`` rows (no early stopping).
+
+        It runs the shared loop's training passes (``training.loop.train_epochs``: the recipe's
+        phases, batches and loss exactly as ``fit`` trains them) on a copy of this task whose
+        training tensors are the ``train`` rows; a fold model has no validation data of its own,
+        so it stops after the final model's epoch count instead.
+        """
+        from training.loop import train_epochs
 
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         model = PriceMLP(config).to(self.device)
-        x, y = self._tensors(train)
-        batches = -(-len(y) // self.batch_size)
-        optimizer = scheduler = None
-        phase_index = -1
+        rows = copy.copy(self)  # shares the table and the spec; only the training tensors differ
+        rows.x, rows.y = self._tensors(train)
         with _one_cpu_thread(self.device):
-            for epoch in range(epochs):
-                wanted = _phase_at(recipe, epoch)
-                if wanted != phase_index:
-                    phase = recipe.phases[wanted]
-                    optimizer = make_optimizer(phase, model.parameters())
-                    scheduler = make_scheduler(phase, optimizer, phase.epochs * batches)
-                    phase_index = wanted
-                model.train()
-                perm = torch.randperm(len(y), generator=generator).to(self.device)
-                for start in range(0, len(perm), self.batch_size):
-                    idx = perm[start: start + self.batch_size]
-                    if len(idx) < 2:
-                        continue
-                    loss = F.mse_loss(model(x[idx]), y[idx])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if recipe.grad_clip:
-                        nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-                    optimizer.step()
-                    scheduler.step()
-        return model.eval()
+            train_epochs(model, rows, recipe, generator, epochs)
+        return model
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict:
