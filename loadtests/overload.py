@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import resource
 import sys
 import tempfile
 import threading
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loadtests import records  # noqa: E402
 from loadtests.http_bench import fashion_image, payloads  # noqa: E402
 from loadtests.loadgen import run_wrk  # noqa: E402
-from loadtests.servers import bentoml_service  # noqa: E402
+from loadtests.servers import bentoml_service, cpu_seconds  # noqa: E402
 
 PATH = "/classify_pixels"
 
@@ -49,7 +50,9 @@ def scrape(base: str) -> dict[str, float]:
 
 
 class Probe(threading.Thread):
-    """One client at a steady slow rate: its accepted latencies stand for any client's, under the load."""
+    """A polite client beside the load: one request at a time, every 20 ms, and after a 503 it waits what
+    ``Retry-After`` says before the next. Its accepted latencies stand for any client's under the load,
+    and its share of accepted requests says whether a well-behaved client gets through."""
 
     def __init__(self, base: str, body: bytes, period_s: float = 0.02) -> None:
         super().__init__(daemon=True)
@@ -73,7 +76,11 @@ class Probe(threading.Thread):
                     self.accepted.append(seconds)
                 elif answer.status_code == 503:
                     self.shed += 1
-                    self.missing_retry_after += "retry-after" not in answer.headers
+                    retry_after = answer.headers.get("retry-after")
+                    self.missing_retry_after += retry_after is None
+                    if retry_after and retry_after.isdigit():
+                        self.stop.wait(float(retry_after))
+                        continue
                 else:
                     self.other += 1
                 self.stop.wait(max(0.0, self.period_s - seconds))
@@ -95,6 +102,28 @@ async def burst_has_retry_after(base: str, body: bytes, requests: int = 400) -> 
     return len(shed), sum("retry-after" in a.headers for a in shed)
 
 
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def refusal_cost(rows: list[dict]) -> dict[str, float] | None:
+    """The server CPU of one refusal against one served request, estimated from the levels.
+
+    A level without refusals gives the CPU of a served request (the busiest such level: its batches are
+    as large as under overload); at each level with refusals, what the server spent beyond its served
+    requests, divided by its refusals, is what one refusal cost. None when no level refused enough to
+    tell (fewer than 100 refusals a second)."""
+    served = [r for r in rows if r["shed_per_s"] == 0 and r["ok_per_s"] > 0]
+    refused = [r for r in rows if r["shed_per_s"] >= 100]
+    if not served or not refused:
+        return None
+    served_ms = served[-1]["server_cpu_ms_per_answer"]
+    per_level = [max(0.0, 1e3 * r["server_cpu_s_per_s"] - served_ms * r["ok_per_s"]) / r["shed_per_s"] for r in refused]
+    refusal_ms = sorted(per_level)[len(per_level) // 2]
+    return {"served_ms": served_ms, "refusal_ms": refusal_ms, "ratio": refusal_ms / served_ms}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=20.0)
@@ -113,10 +142,13 @@ def main() -> None:
         run_wrk(base, request, connections=8, duration_s=3)  # warm-up
         for level in args.levels:
             before = scrape(base)
+            server_cpu, wrk_cpu = cpu_seconds(base), _children_cpu_s()
             probe = Probe(base, request.body)
             probe.start()
             result = run_wrk(base, request, connections=level, duration_s=args.duration, threads=2,
                              timeout_s=10, track_status=True)
+            wrk_cpu = _children_cpu_s() - wrk_cpu  # wrk is a waited-for child: its CPU lands here
+            server_cpu = cpu_seconds(base) - server_cpu  # the probe's few requests included
             probe.stop.set()
             probe.join()
             after = scrape(base)
@@ -128,7 +160,9 @@ def main() -> None:
                    "socket_errors": socket_errors, "timeouts": result.timeouts, "p50_ms": result.p50,
                    "p99_ms": result.p99, "max_ms": result.max, "probe_accepted": len(probe.accepted),
                    "probe_shed": probe.shed, "probe_p50_ms": probe.percentile_ms(0.5),
-                   "probe_p99_ms": probe.percentile_ms(0.99)}
+                   "probe_p99_ms": probe.percentile_ms(0.99),
+                   "server_cpu_s_per_s": server_cpu / result.duration_s, "wrk_cpu_s_per_s": wrk_cpu / result.duration_s,
+                   "server_cpu_ms_per_answer": 1e3 * server_cpu / max(ok + shed, 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if others or socket_errors or result.timeouts or probe.other or probe.missing_retry_after:
@@ -139,22 +173,29 @@ def main() -> None:
         if seen != with_header:
             failures.append(f"{seen - with_header} of {seen} 503s had no Retry-After")
 
+    refusal = refusal_cost(rows)
     lines = ["| concurrency | answered 200/s | shed 503/s (metric) | other answers | socket errors / timeouts | "
-             "p50 / p99 / max ms (all answers, wrk) | probe: accepted p50 / p99 ms (shed) |",
-             "|---|---|---|---|---|---|---|"]
+             "p50 / p99 / max ms (all answers, wrk) | probe: accepted p50 / p99 ms (shed) | "
+             "server / wrk CPU (cores) | server CPU ms per answer |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         probe_text = (f"{r['probe_p50_ms']:.1f} / {r['probe_p99_ms']:.1f} ({r['probe_shed']} of "
                       f"{r['probe_shed'] + r['probe_accepted']})" if r["probe_p50_ms"] else f"- ({r['probe_shed']})")
         lines.append(f"| {r['concurrency']} | {r['ok_per_s']:,.0f} | {r['shed_per_s']:,.0f} ({r['shed_metric']:.0f}) | "
                      f"{sum(r['other_statuses'].values())} | {r['socket_errors']} / {r['timeouts']} | "
-                     f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} / {r['max_ms']:.0f} | {probe_text} |")
+                     f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} / {r['max_ms']:.0f} | {probe_text} | "
+                     f"{r['server_cpu_s_per_s']:.2f} / {r['wrk_cpu_s_per_s']:.2f} | "
+                     f"{r['server_cpu_ms_per_answer']:.3f} |")
     print("\n".join(lines))
+    if refusal:
+        print(f"CPU of one refusal, estimated: {refusal['refusal_ms']:.3f} ms against {refusal['served_ms']:.3f} ms "
+              f"for one served request ({refusal['ratio']:.2f}×)")
     print(f"burst of 400 at once: {seen} shed, {with_header} with Retry-After")
     if args.json:
         args.json.write_text(json.dumps({"levels": rows, "burst": {"shed": seen, "retry_after": with_header},
                                          "failures": failures}, indent=2))
     records.write(recording, {"levels": rows, "burst": {"shed": seen, "retry_after": with_header},
-                              "failures": failures, "passed": not failures,
+                              "refusal_cost": refusal, "failures": failures, "passed": not failures,
                               "models": records.model_versions(["fashion-lenet"])})
     if failures:
         print("FAILED:", "; ".join(failures))

@@ -126,6 +126,8 @@ def _fmt(value: float, kind: str) -> str:
         return f"{100 * value:+.1f}%"
     if kind == "int":
         return f"{value:,.0f}"
+    if kind == "share":
+        return f"{100 * value:.0f}%"
     return f"{value:,.1f}"
 
 
@@ -504,19 +506,39 @@ def section_overload(picked: Picked) -> str:
 
         others = sum(series.values(lambda r, lv=level: sum(
             next(x for x in r["levels"] if x["concurrency"] == lv)["other_statuses"].values())))
+        def goodput(r: Record, lv: int = level) -> float:
+            at = {x["concurrency"]: x["ok_per_s"] for x in r["levels"]}
+            return at[lv] / at[32] if at.get(32) else float("nan")
+
+        def polite(r: Record, lv: int = level) -> float:
+            x = next(x for x in r["levels"] if x["concurrency"] == lv)
+            return x["probe_accepted"] / max(x["probe_accepted"] + x["probe_shed"], 1)
+
+        cpu = (f"{median(series.values(get('server_cpu_s_per_s')), 'f')} / "
+               f"{median(series.values(get('wrk_cpu_s_per_s')), 'f')}"
+               if all("server_cpu_s_per_s" in x for rec in series.records for x in rec["result"]["levels"]) else "–")
         rows.append([str(level), spread(series.values(get("ok_per_s")), "int"),
+                     spread(series.values(goodput), "x") if 32 in levels else "–",
                      spread(series.values(get("shed_per_s")), "int"), f"{others:.0f}",
                      f"{sum(series.values(get('socket_errors'))):.0f} / {sum(series.values(get('timeouts'))):.0f}",
                      f"{median(series.values(get('p50_ms')), 'f')} / {spread(series.values(get('p99_ms')), 'f')}",
                      f"{max(series.values(get('max_ms')), default=0):,.0f}",
                      f"{median(series.values(get('probe_p50_ms')), 'f')} / "
-                     f"{median(series.values(get('probe_p99_ms')), 'f')}"])
+                     f"{median(series.values(get('probe_p99_ms')), 'f')}",
+                     spread(series.values(polite), "share"), cpu])
     passed = sum(1 for r in series.records if r["result"].get("passed"))
     bursts = ", ".join(f"{r['result']['burst']['shed']} shed ({r['result']['burst']['retry_after']} with "
                        "Retry-After)" for r in series.records)
-    out = table(["concurrency", "answered 200/s", "shed 503/s", "other answers (all invocations)",
+    out = table(["concurrency", "answered 200/s", "200/s vs c=32", "shed 503/s", "other answers (all invocations)",
                  "socket errors / timeouts (all invocations)", "p50 / p99 ms (all answers, wrk)",
-                 "slowest answer ms (all invocations)", "probe: accepted p50 / p99 ms"], rows)
+                 "slowest answer ms (all invocations)", "probe: accepted p50 / p99 ms",
+                 "probe (polite client) requests accepted", "server / wrk CPU, cores"], rows)
+    costs = [r["result"]["refusal_cost"] for r in series.records if r["result"].get("refusal_cost")]
+    if costs:
+        out += ("\n\nServer CPU of one refusal, estimated per invocation (what the server spent beyond its served "
+                "requests at the levels that refused, per refusal): "
+                + "; ".join(f"{c['refusal_ms']:.3f} ms vs {c['served_ms']:.3f} ms served ({c['ratio']:.2f}×)"
+                            for c in costs) + ".")
     out += (f"\n\n{passed} of {series.n} invocations clean (every answer a 200 or a 503 with `Retry-After`, no "
             f"socket error or timeout). A burst of 400 at once: "
             f"{bursts}.")

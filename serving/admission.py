@@ -1,4 +1,17 @@
-"""How late the event loop runs: the queueing delay a new request would meet, for load shedding.
+"""How a request is admitted: a bounded queue of slots, and how late the event loop runs.
+
+**Slots** (:class:`Slots`): at most ``DLBOOK_MAX_IN_FLIGHT`` API requests execute at once; the next
+ones wait, in arrival order, up to ``DLBOOK_MAX_WAITING`` of them and for at most
+``DLBOOK_MAX_WAIT_MS`` each, before the guard reads their bodies; only a request that finds the queue
+full, or waits out its time, is refused (503, ``Retry-After``). Measured on the 2-core box
+(``loadtests/overload.py``, docs/PERFORMANCE.md): refusing at once when 64 requests were in
+progress made goodput *fall* with load, from 1,930 answers/s at 32 connections to 966 at 128 and
+458 at 256, because a refused client sends its next request at once, and those refusals (HTTP
+parsing, a JSON body, a log line, metrics, wrk's own work on the same cores) took the CPU that
+serving needed: 2,605 refusals/s at 256 connections. A request that waits instead costs a timer and
+a future, nothing on the cores, and a closed-loop client that waits sends nothing else meanwhile, so
+the worker keeps serving at capacity and arrival order keeps the wait fair (TGI's router queues the
+same way, with a bounded queue).
 
 A worker saturated with small requests never holds many of them *inside* the app at once: the queue
 forms before it, in the kernel's socket buffers and the loop's ready list, where no counter sees it.
@@ -11,7 +24,8 @@ request's latency grow until clients time out.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from serving.settings import Settings
 
@@ -19,6 +33,70 @@ from serving.settings import Settings
 def queue_budget_s(settings: Settings | None = None) -> float:
     """``DLBOOK_MAX_QUEUE_MS`` in seconds: loop lateness above which API requests are shed (0: never)."""
     return (settings or Settings.from_env()).queue_budget_s
+
+
+@dataclass
+class Slots:
+    """``limit`` requests execute at once (0: no limit); the next ones wait in arrival order.
+
+    ``enter()`` is a plain counter increment while a slot is free and nobody waits (the hot path pays no
+    await); otherwise the caller waits for a slot to be handed over by ``leave()`` (no thundering herd:
+    exactly the longest waiter wakes), for at most ``max_wait_s``. It returns False, and the caller
+    refuses the request, when ``max_waiting`` requests already wait or the wait ran out.
+    """
+
+    limit: int
+    max_waiting: int
+    max_wait_s: float
+    executing: int = 0
+    waiters: deque[asyncio.Future[bool]] = field(default_factory=deque)
+
+    @property
+    def waiting(self) -> int:
+        return sum(not f.done() for f in self.waiters)
+
+    async def enter(self) -> bool:
+        if not self.limit or (self.executing < self.limit and not self.waiters):
+            self.executing += 1
+            return True
+        if self.max_waiting <= 0 or self.max_wait_s <= 0:
+            return False
+        if len(self.waiters) >= self.max_waiting:
+            self._drop_expired()  # waits run out in arrival order: the expired ones are at the front
+            if len(self.waiters) >= self.max_waiting:
+                return False
+        loop = asyncio.get_running_loop()
+        turn: asyncio.Future[bool] = loop.create_future()
+        self.waiters.append(turn)
+        expiry = loop.call_later(self.max_wait_s, _expire, turn)
+        try:
+            return await turn  # True: a leaving request handed its slot over (``executing`` unchanged)
+        except asyncio.CancelledError:
+            # The client went away while waiting. A slot handed over in that instant is passed on.
+            if turn.done() and not turn.cancelled() and turn.result():
+                self.leave()
+            raise
+        finally:
+            expiry.cancel()
+
+    def leave(self) -> None:
+        """Hand the slot to the longest waiter still waiting, else free it."""
+        while self.waiters:
+            turn = self.waiters.popleft()
+            if not turn.done():
+                turn.set_result(True)
+                return
+        self.executing -= 1
+
+    def _drop_expired(self) -> None:
+        while self.waiters and self.waiters[0].done():
+            self.waiters.popleft()
+
+
+def _expire(turn: asyncio.Future[bool]) -> None:
+    """The wait ran out: the request is refused (its future stays in the queue until ``leave`` skips it)."""
+    if not turn.done():
+        turn.set_result(False)
 
 
 @dataclass

@@ -4,9 +4,10 @@
    health, docs and the playground pass through unguarded.
 2. Every other request gets an id (the caller's ``X-Request-ID`` when sane), which appears in its
    log line, its error body and its ``X-Request-ID`` header, and is timed and logged when answered.
-3. Authentication (401 without the API key, when one is set), then load shedding: 503 with
-   ``Retry-After`` when the worker already holds ``DLBOOK_MAX_IN_FLIGHT`` API requests or its event
-   loop runs later than ``DLBOOK_MAX_QUEUE_MS`` (``serving.admission``).
+3. Authentication (401 without the API key, when one is set), then admission (``serving.admission``):
+   503 with ``Retry-After`` while the event loop runs later than ``DLBOOK_MAX_QUEUE_MS``; otherwise the
+   request takes one of ``DLBOOK_MAX_IN_FLIGHT`` slots, or waits for one in arrival order (503 when
+   ``DLBOOK_MAX_WAITING`` already wait or it waited ``DLBOOK_MAX_WAIT_MS``), before its body is read.
 4. The body limit (413), then multipart forms parsed once and checked against the route (400).
 5. A route the worker answers directly (``serving.direct_routes``) is answered here; anything else is
    replayed to BentoML, whose 400 validation bodies are flattened into our shape.
@@ -31,7 +32,7 @@ import time
 import uuid
 
 from serving import direct_routes
-from serving.admission import LoopLag
+from serving.admission import LoopLag, Slots
 from serving.errors import REQUEST_ID, ApiError, error_answer, error_response, flatten_validation_errors, refusal
 from serving.metrics import REQUEST_SECONDS, SHED, exposition
 from serving.multipart_form import FormError, FormPart, is_multipart, parse_form
@@ -95,7 +96,8 @@ class RequestGuardMiddleware:
         self.app = app
         self.max_body = max_body or settings.max_body_bytes
         self.in_flight_limit = settings.max_in_flight if in_flight_limit is None else in_flight_limit
-        self.in_flight = 0
+        self.in_flight = 0  # API requests inside the guard, waiting ones included
+        self.slots = Slots(self.in_flight_limit, settings.max_waiting, settings.max_wait_s)
         self.queue_budget = settings.queue_budget_s
         self.loop_lag = LoopLag()
         self.key = settings.api_key
@@ -143,11 +145,6 @@ class RequestGuardMiddleware:
         if self.key and not is_open(path) and not authorised(headers, self.key):
             await self._refuse(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'", path)
             return
-        if self.in_flight_limit and self.in_flight > self.in_flight_limit:
-            SHED.labels(route_label(path)).inc()
-            await self._refuse(send, 503, f"the server is at capacity ({self.in_flight_limit} requests in progress "
-                               "per worker, DLBOOK_MAX_IN_FLIGHT); retry after a second", path)
-            return
         if self.queue_budget:
             self.loop_lag.ensure_running()
             if self.loop_lag.lag_s > self.queue_budget:
@@ -156,6 +153,19 @@ class RequestGuardMiddleware:
                                    f"{self.queue_budget * 1e3:.0f} ms, DLBOOK_MAX_QUEUE_MS); retry after a second",
                                    path)
                 return
+        if not await self.slots.enter():
+            SHED.labels(route_label(path)).inc()
+            await self._refuse(send, 503, f"the server is at capacity ({self.in_flight_limit} requests in progress "
+                               f"per worker, DLBOOK_MAX_IN_FLIGHT, and {self.slots.max_waiting} may wait for at most "
+                               f"{self.slots.max_wait_s * 1e3:.0f} ms, DLBOOK_MAX_WAITING / DLBOOK_MAX_WAIT_MS); "
+                               "retry after a second", path)
+            return
+        try:
+            await self._admitted(scope, receive, send, headers, path)
+        finally:
+            self.slots.leave()
+
+    async def _admitted(self, scope, receive, send, headers: dict[bytes, bytes], path: str) -> None:
         if scope.get("method") in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return

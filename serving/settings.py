@@ -159,8 +159,15 @@ class Settings:
         "character at once; 0 writes every character on its own")
     # load and workers
     max_in_flight: int = _setting(
-        "DLBOOK_MAX_IN_FLIGHT", 64, _int, "API requests one worker holds; beyond, a request is answered at once "
-        "with 503 and `Retry-After: 1`, counted in `dlbook_shed_total` (0: no limit)")
+        "DLBOOK_MAX_IN_FLIGHT", 64, _int, "API requests one worker executes at once; the next ones wait for a "
+        "slot in arrival order (serving/admission.py; 0: no limit)")
+    max_waiting: int = _setting(
+        "DLBOOK_MAX_WAITING", 1024, _int, "API requests that may wait for a slot; one more is answered at once "
+        "with 503 and `Retry-After: 1`, counted in `dlbook_shed_total` (0: refuse instead of waiting)")
+    max_wait_ms: float = _setting(
+        "DLBOOK_MAX_WAIT_MS", 1000.0, _float, "the longest a request waits for a slot; then 503 and "
+        "`Retry-After: 1` (a closed-loop client that waits sends nothing meanwhile: refusing at once made "
+        "goodput fall with load, docs/PERFORMANCE.md)")
     max_queue_ms: float = _setting(
         "DLBOOK_MAX_QUEUE_MS", 100.0, _float, "API requests are also shed while the event loop runs this late "
         "(serving/admission.py; 0: never)")
@@ -226,6 +233,10 @@ class Settings:
     @property
     def prefer_cuda(self) -> bool:
         return self.device != "cpu"
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1e3
 
     @property
     def queue_budget_s(self) -> float:

@@ -467,14 +467,16 @@ def test_multipart_parameters_in_any_order_are_accepted(server: str) -> None:
 
 def test_overload_is_shed_fast_with_retry_after_and_requests_carry_ids(
         exported: dict[str, dict], tmp_path: Path) -> None:
-    """Beyond DLBOOK_MAX_IN_FLIGHT a worker answers 503 + Retry-After at once (counted), never a timeout;
-    every API answer carries a request id, the caller's own when it sends one, also in the log line."""
+    """With no waiting allowed (DLBOOK_MAX_WAITING=0), beyond DLBOOK_MAX_IN_FLIGHT a worker answers 503 +
+    Retry-After at once (counted), never a timeout; every API answer carries a request id, the caller's own
+    when it sends one, also in the log line."""
     train_csv = find_dataset("house-prices") / "train.csv"
     table = read_house_csv(train_csv, numeric_columns=load_house_train().numeric_columns)
     records = [{k: v for k, v in r.items() if k != "SalePrice"} for r in table.records[:1000]]
     body = json.dumps({"records": records})
     log = tmp_path / "server.log"
-    with serve("PriceService", log, DLBOOK_MAX_IN_FLIGHT="2", DLBOOK_PRICE_MODELS="house-price", **STEADY) as base:
+    with serve("PriceService", log, DLBOOK_MAX_IN_FLIGHT="2", DLBOOK_MAX_WAITING="0", DLBOOK_PRICE_MODELS="house-price",
+               **STEADY) as base:
 
         async def burst() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=base, timeout=60, limits=httpx.Limits(max_connections=64)) as c:
@@ -499,3 +501,34 @@ def test_overload_is_shed_fast_with_retry_after_and_requests_carry_ids(
     text = log.read_text()
     assert re.search(r"POST /predict_price 200 [\d.]+ms \[request client-trace-42\]", text), text[-2000:]
     assert f"[request {fresh.headers['x-request-id']}]" in text
+
+
+def test_requests_beyond_the_limit_wait_for_a_slot_instead_of_being_refused(
+        exported: dict[str, dict], tmp_path: Path) -> None:
+    """A request beyond DLBOOK_MAX_IN_FLIGHT waits for a slot (serving.admission.Slots): a burst of 48
+    against 2 slots is answered whole, with the same prices as one by one; a wait of 1 ms
+    (DLBOOK_MAX_WAIT_MS) turns the overflow into 503s that name the settings to change."""
+    train_csv = find_dataset("house-prices") / "train.csv"
+    table = read_house_csv(train_csv, numeric_columns=load_house_train().numeric_columns)
+    records = [{k: v for k, v in r.items() if k != "SalePrice"} for r in table.records[:1000]]
+    body = json.dumps({"records": records})
+
+    async def burst(base: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=base, timeout=60, limits=httpx.Limits(max_connections=64)) as c:
+            return await asyncio.gather(*[c.post("/predict_price", content=body,
+                                                 headers={"content-type": "application/json"}) for _ in range(48)])
+
+    # 1,000 records take tens of ms here, so 46 queued requests may wait past the default second: allow more.
+    with serve("PriceService", tmp_path / "wait.log", DLBOOK_MAX_IN_FLIGHT="2", DLBOOK_MAX_WAIT_MS="60000",
+               DLBOOK_PRICE_MODELS="house-price", **STEADY) as base:
+        answers = asyncio.run(burst(base))
+        assert {a.status_code for a in answers} == {200}
+        alone = httpx.post(f"{base}/predict_price", content=body, timeout=60,
+                           headers={"content-type": "application/json"}).json()
+        assert all(a.json()["prices"] == alone["prices"] for a in answers)
+    with serve("PriceService", tmp_path / "short.log", DLBOOK_MAX_IN_FLIGHT="1", DLBOOK_MAX_WAIT_MS="1",
+               DLBOOK_PRICE_MODELS="house-price", **STEADY) as base:
+        answers = asyncio.run(burst(base))
+        shed = [a for a in answers if a.status_code == 503]
+        assert {a.status_code for a in answers} <= {200, 503} and shed, {a.status_code for a in answers}
+        assert all(a.headers.get("retry-after") == "1" and "DLBOOK_MAX_WAIT_MS" in a.json()["error"] for a in shed)
