@@ -15,7 +15,9 @@ Per round, alternating which goes first:
   asks for its next poem when the last ends, so the figure is the steady state at that concurrency,
   without the ramp of one burst (arrivals spread over tens of ms, a batch part full meanwhile).
 Every poem is 8 lines of 7 characters; characters are counted with their marks (64 per poem), as the
-model generates them. The server is PoemService with its defaults, on 127.0.0.1.
+model generates them. ``--rhyme auto --tones strict`` asks every poem to rhyme and keep the 近体
+pattern (the decoding masks of issue 22); the ceiling is then still the unconstrained one. The
+server is PoemService with its defaults, on 127.0.0.1.
 
 The load generator shares this machine's cores with the server, so it has to be light: by default
 each simulated user is a keep-alive connection of :mod:`loadtests.lean_http` (0.06 of a core for 16 SSE
@@ -52,8 +54,12 @@ from loadtests.servers import bentoml_service  # noqa: E402
 REQUEST_TIMEOUT_S = 120.0
 
 
+# --rhyme / --tones: sent with every request (empty: the fields are left out, as before issue 22)
+SOUND: dict[str, str] = {}
+
+
 def body(seed: int) -> dict:
-    return {"chars_per_clause": FORM.chars_per_clause, "lines": FORM.lines, "seed": seed}
+    return {"chars_per_clause": FORM.chars_per_clause, "lines": FORM.lines, "seed": seed, **SOUND}
 
 
 def _check_poem(poem: str | None, chars: int) -> None:
@@ -200,9 +206,15 @@ def main() -> None:
                              "or httpx (what this benchmark used before; it takes 0.25 of a core for 16 streams)")
     parser.add_argument("--compare-httpx", action="store_true",
                         help="each round also holds the requests in flight with httpx as the client (A/B, same server)")
+    parser.add_argument("--rhyme", default="off",
+                        help="rhyme of every poem requested: off, auto or a 平水韵 group such as 阳 (the served "
+                             "model needs its sound tables); the in-process ceiling stays unconstrained")
+    parser.add_argument("--tones", choices=("off", "loose", "strict"), default="off",
+                        help="tones of every poem requested (平仄): off, loose or strict")
     parser.add_argument("--json", type=Path)
     records.add_arguments(parser)
     args = parser.parse_args()
+    SOUND.update({k: v for k, v in (("rhyme", args.rhyme), ("tones", args.tones)) if v != "off"})
     recording = records.begin("poem-http", args)
 
     bench = StepBench(args.model)
@@ -228,7 +240,7 @@ def main() -> None:
 
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     print(f"\nmodel {args.model}, {args.streams} streams, {args.rounds} rounds (medians), {args.client} client; "
-          "characters include marks")
+          f"rhyme {args.rhyme}, tones {args.tones}; characters include marks")
     print("| measurement | characters/s |\n|---|---|")
     print(f"| ceiling: step graph + our sampling at batch {args.streams}, in process | {med['ceiling']:,.0f} |")
     print(f"| 1 stream alone over HTTP (SSE) | {med['one_stream_rate']:,.0f} "

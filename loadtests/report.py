@@ -16,6 +16,7 @@ is left as it is.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import statistics
@@ -91,8 +92,10 @@ class Series:
         return out
 
 
-def pick(records: list[Record], benchmark: str, wanted: Callable[[dict[str, Any]], bool]) -> Series | None:
-    """The series a table shows: the newest with ≥ 3 invocations, else the newest there is (or None)."""
+def pick(records: list[Record], benchmark: str, wanted: Callable[[dict[str, Any]], bool],
+         previous: bool = False) -> Series | None:
+    """The series a table shows: the newest with ≥ 3 invocations, else the newest there is (or None).
+    ``previous``: the complete series before that one (a table of "before" beside "after"), or None."""
     groups: dict[tuple[str, str], list[Record]] = {}
     for record in records:
         if record.get("benchmark") != benchmark:
@@ -106,8 +109,11 @@ def pick(records: list[Record], benchmark: str, wanted: Callable[[dict[str, Any]
     if not groups:
         return None
     series = [Series(tuple(g)) for g in groups.values()]
-    pool = [s for s in series if s.complete] or series
-    return max(pool, key=lambda s: max(r["started"] for r in s.records))
+    newest_first = sorted(series, key=lambda s: max(r["started"] for r in s.records), reverse=True)
+    complete = [s for s in newest_first if s.complete]
+    if previous:
+        return complete[1] if len(complete) > 1 else None
+    return (complete or newest_first)[0]
 
 
 # ---- formatting --------------------------------------------------------------------------------------------------
@@ -214,6 +220,7 @@ class Variant:
     what: str
     command: str
     wanted: Callable[[dict[str, Any]], bool]
+    previous: bool = False  # the complete series before the newest one
 
 
 HTTP_W1 = Variant("http-bench", "HTTP served vs bare, one worker",
@@ -263,7 +270,7 @@ class Picked:
     def __call__(self, variant: Variant) -> Series | None:
         key = id(variant)
         if key not in self._cache:
-            self._cache[key] = pick(self.records, variant.benchmark, variant.wanted)
+            self._cache[key] = pick(self.records, variant.benchmark, variant.wanted, variant.previous)
         return self._cache[key]
 
     def complete(self, variant: Variant) -> Series | None:
@@ -273,6 +280,8 @@ class Picked:
 
 def _gate(picked: Picked, variant: Variant) -> tuple[Series | None, str | None]:
     series = picked(variant)
+    if variant.previous and series is None:
+        return None, f"No earlier complete series of `{variant.command}`: the table above is the only one."
     if series is None or not series.complete:
         return None, not_enough(series, variant.command, variant.what)
     return series, None
@@ -443,8 +452,8 @@ def section_peer_versions(picked: Picked) -> str:
             + f"\n\nFrom the record `{series.records[-1]['_file']}` (build and start: all {series.n} records).")
 
 
-def section_poems(picked: Picked) -> str:
-    series, text = _gate(picked, POEMS)
+def section_poems(picked: Picked, variant: Variant = POEMS) -> str:
+    series, text = _gate(picked, variant)
     if series is None:
         return text or ""
     rows = []
@@ -494,8 +503,8 @@ def section_poem_engine(picked: Picked) -> str:
             + f"\n\nTogether vs one after another: {batched_vs_seq}.\n\n" + provenance(series))
 
 
-def section_overload(picked: Picked) -> str:
-    series, text = _gate(picked, OVERLOAD)
+def section_overload(picked: Picked, variant: Variant = OVERLOAD) -> str:
+    series, text = _gate(picked, variant)
     if series is None:
         return text or ""
     levels = [lv["concurrency"] for lv in series.records[0]["result"]["levels"]]
@@ -697,6 +706,9 @@ def sections(records: list[Record]) -> dict[str, dict[str, str]]:
         "docs/PERFORMANCE.md": {
             "targets": section_targets(picked),
             "http-bench": section_http(picked, HTTP_W1),
+            "http-bench-previous": section_http(picked, dataclasses.replace(HTTP_W1, previous=True)),
+            "poem-http-previous": section_poems(picked, dataclasses.replace(POEMS, previous=True)),
+            "overload-previous": section_overload(picked, dataclasses.replace(OVERLOAD, previous=True)),
             "http-bench-w2": section_http(picked, HTTP_W2),
             "overload": section_overload(picked),
             "poem-http": section_poems(picked),

@@ -51,6 +51,7 @@ from serving.poem_protocol import (
     Unusable,
 )
 from serving.poem_sampling import PoemSampler, advance_all
+from serving.prosody import PoemProsody, SoundTable
 from serving.runtime import OnnxModel
 
 logger = logging.getLogger(__name__)
@@ -84,8 +85,9 @@ class StepLoop:
     """Steps every live poem together, back to back, for as long as there is one."""
 
     def __init__(self, model: OnnxModel, vocab: Vocabulary, num_layers: int, hidden_size: int, max_batch: int,
-                 send: Callable[[FromDecoder], None]) -> None:
-        self.model, self.vocab, self.send = model, vocab, send
+                 send: Callable[[FromDecoder], None], sounds: SoundTable | None = None) -> None:
+        """``sounds``: the model's 平水韵 table, built once (rhyme and tone constraints need it)."""
+        self.model, self.vocab, self.send, self.sounds = model, vocab, send, sounds
         self.num_layers, self.hidden_size, self.max_batch = num_layers, hidden_size, max_batch
         self.live: list[_Sequence] = []
         self.waiting: deque[_Sequence] = deque()
@@ -101,7 +103,19 @@ class StepLoop:
         assert not isinstance(message, _Signalled)
         if message.kind is Kind.ADD_POEM:
             assert isinstance(message, AddPoem)
-            sampler = PoemSampler(list(message.plan), self.vocab, message.params, message.seed)
+            plan = list(message.plan)
+            sampler = PoemSampler(plan, self.vocab, message.params, message.seed)
+            if message.prosody is not None and message.prosody.active:
+                # the server refused what cannot be met (no tables, a plan no pattern fits); should a
+                # peer send it anyway, that poem fails, not the loop
+                try:
+                    if self.sounds is None or message.form is None:
+                        raise LookupError("rhyme or tones asked of a model without sound tables")
+                    sampler.constraint = PoemProsody(self.sounds, message.form, plan, message.prosody)
+                except Exception as err:  # noqa: BLE001 - reported to the server as the poem's failure
+                    logger.exception("poem %s: its rhyme and tone constraint cannot be built", message.poem_id)
+                    self.send(StepFailed((message.poem_id,), type(err).__name__))
+                    return
             self.waiting.append(_Sequence(message.poem_id, sampler,
                                           np.zeros((self.num_layers, self.hidden_size), np.float32)))
         elif message.kind is Kind.CANCEL_POEM:
@@ -186,9 +200,10 @@ def main() -> None:
         send(Unusable(f"ONNX Runtime cannot run {setup.graph}: {type(err).__name__}: {err}"))
         sys.stderr.flush()
         os._exit(1)  # as at the end: the reader thread holds stdin's lock
+    sounds = SoundTable(setup.prosody, setup.tokens) if setup.prosody else None  # once, before the first poem
     send(Ready(model.provider))
     with contextlib.suppress(OSError):  # the server went away mid-step (a broken pipe)
-        StepLoop(model, vocab, setup.num_layers, setup.hidden_size, setup.max_batch, send).run(inbox)
+        StepLoop(model, vocab, setup.num_layers, setup.hidden_size, setup.max_batch, send, sounds).run(inbox)
         frames_out.flush()
     # Not a normal interpreter exit: after Retire the server is still connected, and the thread reading
     # our input sits in a read holding stdin's lock, which shutdown then tries to take and aborts on

@@ -25,7 +25,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from preprocessing import Vocabulary
 from serving.poem_protocol import (
@@ -209,8 +209,9 @@ class PoemEngine:
     """Poems through the decoding process: ``chunks`` for streams, ``generate`` for whole poems."""
 
     def __init__(self, graph: Path, vocab: Vocabulary, num_layers: int, hidden_size: int, max_batch: int = 64,
-                 observe_step: StepObserver | None = None) -> None:
-        self._setup = Setup(str(graph), tuple(vocab.tokens), num_layers, hidden_size, max_batch)
+                 observe_step: StepObserver | None = None, prosody: dict[str, Any] | None = None) -> None:
+        """``prosody``: the model's 平水韵 tables (its meta's ``prosody``), for poems with rhyme or tones."""
+        self._setup = Setup(str(graph), tuple(vocab.tokens), num_layers, hidden_size, max_batch, prosody)
         self.observe_step = observe_step
         self._ids = itertools.count()
         self._live: dict[int, _Live] = {}
@@ -306,7 +307,8 @@ class PoemEngine:
             raise ValueError("a sampler goes to the engine before its first token")
         loop = asyncio.get_running_loop()
         poem_id = next(self._ids)
-        message = AddPoem(poem_id, tuple(sampler.plan), sampler.params, sampler.seed)
+        form, prosody = sampler.constraint_spec or (None, None)
+        message = AddPoem(poem_id, tuple(sampler.plan), sampler.params, sampler.seed, form, prosody)
         with self._lock:  # as the Draining handler's Retire: no poem is sent to a decoder after its Retire
             decoder = self._current_decoder()
             live = _Live(sampler, _Mailbox(loop), whole, decoder)

@@ -18,10 +18,14 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from functools import cache
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from preprocessing import Vocabulary
+
+if TYPE_CHECKING:
+    from serving.prosody import ProsodySpec
 
 COMMA, FULL_STOP = "，", "。"
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")  # what a character slot may hold: one ideograph
@@ -279,15 +283,29 @@ def sample_next(logits: np.ndarray, allowed_ids: np.ndarray, generated: list[int
     return int(sample_rows(logits[None], allowed_ids, [generated], [params], [rng])[0])
 
 
+class SlotConstraint(Protocol):
+    """What :func:`advance_all` asks of a poem's constraint (``serving.prosody.PoemProsody``; a protocol
+    because that module imports this one)."""
+
+    def mask(self, slot: int) -> np.ndarray | None: ...  # allowed ids ``[V]``, None: all of them
+
+    def accept(self, slot: int, token: int) -> None: ...
+
+
 @dataclass
 class PoemSampler:
-    """One poem being written: feed ``next_input`` to the model, give its logits to ``advance``."""
+    """One poem being written: feed ``next_input`` to the model, give its logits to ``advance``.
+
+    ``constraint`` (rhyme and tones, ``serving.prosody``) masks each sampled slot and hears every
+    token; ``constraint_spec`` is what the decoding process needs to build its own copy of it."""
 
     plan: list[int | None]
     vocab: Vocabulary
     params: SamplingParams
     seed: int
     tokens: list[int] = field(default_factory=list)  # generated slots so far
+    constraint: SlotConstraint | None = None
+    constraint_spec: tuple[PoemForm, ProsodySpec] | None = None  # set with ``constraint``
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
@@ -321,11 +339,28 @@ class PoemSampler:
 
 def advance_all(samplers: list[PoemSampler], logits: np.ndarray) -> list[str]:
     """Advance every sampler by one slot from its row of ``logits [B, V]``; the rows that must be
-    sampled are sampled together (:func:`sample_rows`), forced slots just take their token."""
+    sampled are sampled together (:func:`sample_rows`), forced slots just take their token.
+
+    Rows with a constraint have the characters it forbids set to -inf first, all such rows in one
+    ``where`` (their masks stacked into a per-row array); then every constraint hears the token its
+    slot got, forced or sampled. Rows without one cost nothing more: no copy of the logits is made
+    when no free row is constrained."""
     free = [i for i, s in enumerate(samplers) if s.forced is None]
     chosen: dict[int, int] = {}
     if free:
-        picked = sample_rows(logits[free], samplers[free[0]].allowed_ids, [samplers[i].tokens for i in free],
+        rows = logits[free]
+        masks = [None if (c := samplers[i].constraint) is None else c.mask(len(samplers[i].tokens)) for i in free]
+        if any(m is not None for m in masks):
+            from serving.prosody import constrain  # here: serving.prosody imports this module
+
+            rows = constrain(rows, masks)
+        picked = sample_rows(rows, samplers[free[0]].allowed_ids, [samplers[i].tokens for i in free],
                              [samplers[i].params for i in free], [samplers[i].rng for i in free])
         chosen = dict(zip(free, picked.tolist(), strict=True))
-    return [s.accept(chosen.get(i, s.forced)) for i, s in enumerate(samplers)]
+    out = []
+    for i, s in enumerate(samplers):
+        token = chosen.get(i, s.forced)
+        if s.constraint is not None:
+            s.constraint.accept(len(s.tokens), token)
+        out.append(s.accept(token))
+    return out

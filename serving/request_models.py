@@ -10,7 +10,8 @@ what it limits: the longest prompt from the largest form, never typed out as a n
 
 What a refusal looks like: a body that breaks this model is a 400 whose message names each field and
 what it must be (``invalid request: prompt: has 57 characters but a poem of 8 lines of 7 characters
-holds 56 …``). Only what depends on the model that writes the poem is checked later, by the planner
+holds 56 …``); a ``rhyme`` that names no 平水韵 group is refused here too, with the names it takes.
+Only what depends on the model that writes the poem is checked later, by the planner
 (``serving.poem_sampling.plan_poem``): whether that model knows each character (a 422, since
 another model may know it), and rhyme or tone constraints the plan cannot meet.
 """
@@ -24,10 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 from serving.poem_sampling import CJK, PoemForm, SamplingParams
+from serving.prosody import LEVEL_GROUPS, TONE_MODES, ProsodySpec, check_rhyme
 from serving.settings import current
 
 CharsPerClause = Literal[5, 7]
 Lines = Literal[4, 8]  # 绝句 and 律诗
+Tones = Literal["off", "loose", "strict"]
+assert get_args(Tones) == TONE_MODES  # noqa: S101 - the constraint module's modes, spelt out for the schema
 FORMS = tuple(PoemForm(chars, lines) for chars in get_args(CharsPerClause) for lines in get_args(Lines))
 
 # A prompt may be pasted with its punctuation: at most the longest poem written out, marks included (64).
@@ -93,6 +97,14 @@ class PoemRequest(BaseModel):
     n: Annotated[int, Field(ge=1, le=current().max_poems, description=(
         "Poems to write, at most DLBOOK_MAX_POEMS (the deployment's setting, shown here)."))] = 1
     model: Annotated[str, Field(description="The poem model; empty: the service's default.")] = ""
+    rhyme: Annotated[str, Field(max_length=16, description=(
+        "The even lines end in one 平水韵 rhyme group (the first line may join it): off; auto (the model's "
+        "first rhyme chooses the group); or a group named by its last character, its number and character or "
+        "its full name (东, 一东, 上平声一东; 下平声七阳). With tones on the group must be level (平): "
+        + " ".join(name[-1] for name in LEVEL_GROUPS) + ". Needs a model exported with its sound tables."))] = "off"
+    tones: Annotated[Tones, Field(description=(
+        "平仄: off; loose (even lines end level, odd lines from the third end oblique); strict (loose plus "
+        "the 近体 patterns: 二四六分明, 粘 and 对 between lines, no 三平尾)."))] = "off"
 
     @field_validator("prompt")
     @classmethod
@@ -129,6 +141,25 @@ class PoemRequest(BaseModel):
                     "make them agree, or drop one", {"line": line + 1, "given": given, "ch": ch})
         return acrostic
 
+    @field_validator("rhyme")
+    @classmethod
+    def _rhyme_is_a_group(cls, rhyme: str) -> str:
+        try:
+            return check_rhyme(rhyme)
+        except ValueError as err:
+            raise PydanticCustomError("rhyme_group", "{why}", {"why": str(err).removeprefix("rhyme ")}) from err
+
+    @field_validator("tones")
+    @classmethod
+    def _tones_take_a_level_rhyme(cls, tones: str, info: ValidationInfo) -> str:
+        rhyme = info.data.get("rhyme", "off")
+        if tones != "off" and rhyme not in ("off", "auto") and rhyme not in LEVEL_GROUPS:
+            raise PydanticCustomError(
+                "rhyme_oblique", "{tones} puts level (平) characters at the rhymes but {rhyme} is an oblique (仄) "
+                "group: ask for a level group ({level}), rhyme auto, or tones off",
+                {"tones": tones, "rhyme": rhyme, "level": " ".join(n[-1] for n in LEVEL_GROUPS)})
+        return tones
+
     @property
     def form(self) -> PoemForm:
         return PoemForm(self.chars_per_clause, self.lines)
@@ -136,6 +167,10 @@ class PoemRequest(BaseModel):
     @property
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+
+    @property
+    def prosody(self) -> ProsodySpec:
+        return ProsodySpec(self.rhyme, self.tones)
 
 
 def _form_of(info: ValidationInfo) -> PoemForm | None:

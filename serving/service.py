@@ -269,7 +269,8 @@ class PoemAPIs(_Base):
 
     def _poem_request(self, request: PoemRequest) -> tuple[str, PoemGenerator, list]:
         """The model and one sampler per poem for a validated request (``serving.request_models``);
-        what is left to refuse depends on the model (a character it never saw: 422)."""
+        what is left to refuse depends on the model (a character it never saw, rhyme or tones it cannot
+        keep: 422)."""
         name, generator = self._pick("poem", self.poem_generators, request.model, "tang-poem")
         try:
             samplers = generator.samplers(request)
@@ -284,6 +285,8 @@ class PoemAPIs(_Base):
 
         ``prompt`` starts the poem, ``acrostic`` gives each line's first character, ``theme`` (free
         Chinese text) seeds lines with its keywords. The same ``seed`` and parameters give the same poem.
+        ``rhyme`` (off, auto or a 平水韵 group) and ``tones`` (off, loose, strict) constrain the sound;
+        each poem's ``prosody`` reports its rhyme group and each line's tone marks (平 仄 中 ？).
         """
         try:
             name, generator, samplers = self._poem_request(request)
@@ -365,7 +368,7 @@ class PoemAPIs(_Base):
                         last_write = loop.time()
             if pending:
                 yield "".join(pending)
-            poems = [{"poem": s.text, "seed": s.seed} for s in samplers]
+            poems = [generator.report(s) for s in samplers]
             yield _event("done", {"model": name, "version": version, "poems": poems})
         except TimeoutError:
             late = "generation took longer than DLBOOK_GENERATION_TIMEOUT_S"

@@ -25,6 +25,7 @@ from live_server import serve
 from PIL import Image
 from test_service import STEADY, _check_form
 
+from serving.prosody import LEVEL_GROUPS, TONE_MODES
 from training.datasets.images import load_image_split
 
 try:
@@ -217,7 +218,7 @@ def test_a_poem_streams_in_with_the_chosen_form_and_acrostic(page: Any, server: 
     }""")
     page.click("#poem-submit")
     page.wait_for_selector("#poem-status[data-state='done']")
-    poem = page.inner_text("#poem-output .poem").replace("\n", "")
+    poem = "".join(page.locator("#poem-output .poem .line").all_inner_texts())
     _check_form(poem, 7, 4)
     assert "".join(poem[line * 8] for line in range(4)) == acrostic
     assert page.locator("#poem-output .poem .line").all_inner_texts() == [poem[i * 8:(i + 1) * 8] for i in range(4)]
@@ -237,6 +238,31 @@ def test_a_poem_streams_in_with_the_chosen_form_and_acrostic(page: Any, server: 
     screenshot(page, tmp_path, "4-poem-stream")
 
 
+def test_rhyme_and_tones_are_chosen_and_each_line_shows_its_tone_marks(page: Any, server: str, tmp_path: Path
+                                                                       ) -> None:
+    """The rhyme and tones selects reach the API; under each line the page shows its marks (平 仄 中 ？)
+    and under the poem its rhyme group, exactly as the answer's ``prosody`` gives them."""
+    open_playground(page, server)
+    groups = page.eval_on_selector_all("#poem-rhyme option", "els => els.map(e => e.value)")
+    assert groups == ["off", "auto", *LEVEL_GROUPS]
+    assert page.eval_on_selector_all("#poem-tones option", "els => els.map(e => e.value)") == list(TONE_MODES)
+    page.select_option("#poem-rhyme", "auto")
+    page.select_option("#poem-tones", "strict")
+    page.select_option("#poem-lines", "8")
+    page.click("#poem-form summary")
+    page.fill("#poem-seed", "7")
+    page.click("#poem-submit")
+    page.wait_for_selector("#poem-status[data-state='done']")
+    lines = page.locator("#poem-output .poem .line").all_inner_texts()
+    body = {"rhyme": "auto", "tones": "strict", "lines": 8, "seed": 7, "model": "tang-poem"}
+    answer = httpx.post(f"{server}/generate_poem", json=body, timeout=60).json()["poems"][0]
+    assert "".join(lines) == answer["poem"]
+    assert page.locator("#poem-output .poem .tones").all_inner_texts() == answer["prosody"]["tones"]
+    assert page.locator("#poem-output .poem .off-pattern").count() == 0  # strict: every line fits
+    assert page.inner_text("#poem-output .poem .rhyme") == f"韵 {answer['prosody']['rhyme_group']}"
+    screenshot(page, tmp_path, "4b-poem-rhyme")
+
+
 def test_api_refusals_are_shown_as_readable_messages(page: Any, server: str, exported: dict[str, dict],
                                                      tmp_path: Path) -> None:
     open_playground(page, server)
@@ -245,7 +271,8 @@ def test_api_refusals_are_shown_as_readable_messages(page: Any, server: str, exp
     page.click("#poem-submit")
     page.wait_for_selector("#poem-error", state="visible")
     message = page.inner_text("#poem-error")
-    assert "acrostic has 5 characters but the poem has 4 lines" in message and "HTTP 422" in message, message
+    # the request model refuses it (issue 21): a 400 naming the field
+    assert "acrostic: has 5 characters but the poem has 4 lines" in message and "HTTP 400" in message, message
     assert page.get_attribute("#poem-status", "data-state") == "error"
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("this is a text file, not a picture")

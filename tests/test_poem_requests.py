@@ -8,12 +8,14 @@ import json
 from collections.abc import Iterator
 
 import httpx
+import numpy as np
 import pytest
 from live_server import serve
 from pydantic import ValidationError
 
 from preprocessing import Vocabulary
 from serving.poem_sampling import CJK
+from serving.prosody import LEVEL_GROUPS, SoundTable, analyse, poem_report
 from serving.request_models import FORMS, MAX_ACROSTIC_CHARS, MAX_PROMPT_CHARS, MAX_THEME_CHARS, PoemRequest
 from serving.settings import current
 
@@ -34,15 +36,21 @@ def test_the_validated_request_holds_the_prompt_without_marks_and_cannot_change(
 
 
 @pytest.fixture(scope="module")
-def poem_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[str]]]:
-    """A PoemService with a brief poem model of its own, and characters that model knows."""
+def poem_meta() -> dict:
+    """A brief poem model of this module's own, exported to the store as a user's would be."""
     from training.export import export_run
     from training.paths import runs_dir
     from training.train import TrainOptions, train
 
     summary = train(TrainOptions("poem_rnn", limit=200, epochs=1, device="cpu", progress=False,
                                  run_name="brief-requests-poem"))
-    meta = export_run(runs_dir() / summary["run"], name="tang-poem-requests")
+    return export_run(runs_dir() / summary["run"], name="tang-poem-requests")
+
+
+@pytest.fixture(scope="module")
+def poem_server(poem_meta: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[str]]]:
+    """A PoemService serving that model, and characters the model knows."""
+    meta = poem_meta
     vocab = Vocabulary.from_dict(meta["preprocessing"]["vocab"])
     known = [t for t in vocab.tokens if len(t) == 1 and CJK.fullmatch(t)]
     log = tmp_path_factory.mktemp("requests-server") / "server.log"
@@ -182,3 +190,169 @@ def test_the_openapi_schema_shows_every_bound(poem_server) -> None:
     assert (fields["n"]["minimum"], fields["n"]["maximum"]) == (1, current().max_poems)
     seed = fields["seed"].get("anyOf", [fields["seed"]])[0]  # BentoML flattens the optional integer
     assert (seed["minimum"], seed["maximum"]) == (0, 2**62 - 1)
+
+
+# ----- rhyme (平水韵) and tones (平仄), issue 22 ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sounds(poem_meta: dict) -> SoundTable:
+    """The served model's sound table, from the meta its export wrote (what the server builds too)."""
+    assert poem_meta.get("prosody"), "the export must store the 平水韵 tables with a poem model"
+    return SoundTable(poem_meta["prosody"], poem_meta["preprocessing"]["vocab"]["tokens"])
+
+
+def _answer(response: httpx.Response) -> list[dict]:
+    """The poems of a plain answer, or of a stream's ``done`` event (whose token events must spell them)."""
+    assert response.status_code == 200, response.text
+    if not response.headers["content-type"].startswith("text/event-stream"):
+        return response.json()["poems"]
+    events = [e for e in response.text.split("\n\n") if e]
+    done = [json.loads(e.split("\n")[1].removeprefix("data: ")) for e in events if e.startswith("event: done")]
+    tokens = [json.loads(e.split("\n")[1].removeprefix("data: ")) for e in events if e.startswith("event: token")]
+    poems = done[0]["poems"]
+    for index, poem in enumerate(poems):
+        assert "".join(t["char"] for t in tokens if t["index"] == index) == poem["poem"]
+    return poems
+
+
+def _keeps_the_sound(sounds: SoundTable, poem: dict, tones: str) -> None:
+    """The poem rhymes in one level group, never repeating a rhyme, and (strict) every line follows one
+    近体 pattern; the answer's report is what prosody's checker says of the text."""
+    text = poem["poem"]
+    found = analyse(sounds, text)
+    lines = [line for line in text.replace("。", "，").split("，") if line]
+    ends = [line[-1] for line in lines[1::2]]
+    assert found["rhymes"] and found["decidable"], (text, found)
+    assert len(set(ends)) == len(ends), text
+    assert poem["prosody"] == poem_report(sounds, text)
+    assert poem["prosody"]["rhyme_group"] == found["rhyme_group"] and len(poem["prosody"]["tones"]) == len(lines)
+    if tones != "off":
+        assert sounds.level[sounds.find_group(found["rhyme_group"])], (text, found)
+        assert found["level_endings"] == found["even_lines"], text
+        assert all(sounds.class_of(line[-1]) & 2 for line in lines[2::2]), text  # odd lines from the third: 仄
+    if tones == "strict":
+        assert all(found["pattern_lines"]), (text, found)
+
+
+def _fitting(sounds: SoundTable, known: list[str], tone: int, count: int) -> list[str]:
+    """``count`` characters the model knows with only the reading ``tone`` (1 level, 2 oblique)."""
+    return [ch for ch in known if sounds.class_of(ch) == tone][:count]
+
+
+@pytest.mark.parametrize("form", FORMS, ids=lambda f: f"{f.chars_per_clause}x{f.lines}")
+@pytest.mark.parametrize("start", ["none", "prompt", "acrostic", "theme"])
+def test_rhyme_auto_and_strict_tones_hold_in_every_form_with_every_start(poem_server, sounds, form, start) -> None:
+    """rhyme=auto, tones=strict: every poem returned rhymes and every line follows the pattern, plain
+    and streamed, whatever starts it; the prompt, the acrostic and the form stay as asked."""
+    base, known = poem_server
+    body: dict = {"chars_per_clause": form.chars_per_clause, "lines": form.lines, "rhyme": "auto",
+                  "tones": "strict", "n": 3, "seed": 11}
+    oblique = _fitting(sounds, known, 2, form.lines)
+    if start == "prompt":  # a first character anything may follow, then an oblique one (fits a key tone)
+        body["prompt"] = known[0] + oblique[0]
+    elif start == "acrostic":  # oblique line heads: 一三五不论, so they never block a pattern
+        body["acrostic"] = "".join(oblique)
+    elif start == "theme":
+        body["theme"] = "春风吹过江南的山水，明月照着故乡的柳树和小桥"
+    for route in ROUTES:
+        poems = _answer(_post(base, body, route))
+        assert len(poems) == 3
+        for poem in poems:
+            _keeps_the_sound(sounds, poem, "strict")
+            text = poem["poem"]
+            assert len(text) == form.slots
+            if start == "prompt":
+                assert text.startswith(body["prompt"])
+            if start == "acrostic":
+                assert [text[i * (form.chars_per_clause + 1)] for i in range(form.lines)] == oblique
+
+
+@pytest.mark.parametrize(("rhyme", "tones"), [("阳", "loose"), ("下平声一先", "strict"), ("auto", "off"),
+                                              ("东", "off")])
+def test_a_named_group_and_loose_tones(poem_server, sounds, rhyme: str, tones: str) -> None:
+    base, _ = poem_server
+    poems = _answer(_post(base, {"rhyme": rhyme, "tones": tones, "n": 2, "seed": 5, "lines": 8}))
+    for poem in poems:
+        _keeps_the_sound(sounds, poem, tones)
+        if rhyme != "auto":
+            ends = [line[-1] for line in poem["poem"].replace("。", "，").split("，")[1::2] if line]
+            group = sounds.find_group(rhyme)
+            assert all(group in sounds.groups_of_char(ch) for ch in ends), poem
+
+
+def test_impossible_rhyme_and_tones_are_refused_with_the_reason(poem_server, sounds) -> None:
+    """What no model could meet is a 400 from the request model; what this plan cannot meet, a 422
+    from the planner, before the first step (never an error mid-stream)."""
+    base, known = poem_server
+    for route in ROUTES:
+        _refused(_post(base, {"rhyme": "xyz"}, route), 400, "rhyme:", "off, auto or a 平水韵 group", "level groups")
+        _refused(_post(base, {"rhyme": "董", "tones": "strict"}, route), 400, "上声一董 is an oblique", "tones off")
+        _refused(_post(base, {"tones": "sometimes"}, route), 400, "tones:")
+    # 二四六分明: a prompt whose second and fourth characters are both only level fits no pattern
+    level = _fitting(sounds, known, 1, 4)
+    _refused(_post(base, {"prompt": "".join(level), "tones": "strict"}), 422, "fit no 近体 pattern",
+             "use tones loose or off")
+    assert _answer(_post(base, {"prompt": "".join(level), "tones": "loose", "seed": 1}))  # loose lets it be
+    # a prompt that fixes the second line's end outside the asked group
+    dong = sounds.find_group("东")
+    outside = next(ch for ch in level if dong not in sounds.groups_of_char(ch))
+    prompt = "".join(known[i] for i in range(9)) + outside
+    for route in ROUTES:
+        _refused(_post(base, {"prompt": prompt, "rhyme": "东"}, route), 422, "must rhyme with the other even lines",
+                 outside)
+
+
+def test_rhyme_and_tones_off_write_exactly_the_unconstrained_poems(poem_server, poem_meta) -> None:
+    """Off (said or left out) is the path without constraints: the same poem as the model's own steps
+    give with the sampler alone, in this process, for the same seed."""
+    from serving.model_store import locate_exported
+    from serving.poem_sampling import PoemSampler, SamplingParams, advance_all, plan_poem
+    from serving.runtime import OnnxModel
+
+    base, known = poem_server
+    vocab = Vocabulary.from_dict(poem_meta["preprocessing"]["vocab"])
+    session = OnnxModel(locate_exported("tang-poem-requests").graph)
+    config = poem_meta["config"]
+    for body in ({"seed": 21}, {"seed": 22, "chars_per_clause": 7, "lines": 8, "acrostic": "".join(known[:8])}):
+        request = PoemRequest(**body)
+        sampler = PoemSampler(plan_poem(request.form, vocab, "", request.acrostic), vocab, request.sampling,
+                              body["seed"])
+        hidden = np.zeros((config["num_layers"], 1, config["hidden_size"]), np.float32)
+        while not sampler.done:
+            logits, hidden = session.run({"token": np.array([sampler.next_input], np.int64), "hidden": hidden})
+            advance_all([sampler], logits)
+        expected = sampler.text
+        assert request.sampling == SamplingParams(0.8, 0, 0.9, 1.1)
+        for extra in ({}, {"rhyme": "off", "tones": "off"}):
+            for route in ROUTES:
+                assert _poem(_post(base, body | extra, route)) == expected
+
+
+def test_the_openapi_schema_shows_rhyme_and_tones(poem_server) -> None:
+    base, _ = poem_server
+    spec = httpx.get(f"{base}/docs.json", timeout=30).json()
+    body = spec["paths"]["/generate_poem"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    if "$ref" in body:
+        body = spec["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+    fields = body["properties"]
+    assert fields["tones"]["enum"] == ["off", "loose", "strict"] and fields["tones"]["default"] == "off"
+    assert fields["rhyme"]["default"] == "off" and "一东" in fields["rhyme"]["description"]
+    assert all(name[-1] in fields["rhyme"]["description"] for name in LEVEL_GROUPS)
+
+
+def test_a_model_without_sound_tables_refuses_rhyme_and_tones_but_writes_without(poem_meta) -> None:
+    """A model exported before the tables were stored: asking for rhyme or tones says so (a 422 through
+    the service); off plans as before. The generator is built without its decoding process here."""
+    from serving.poem_generation import PoemGenerator
+    from serving.poem_sampling import PoemRequestError
+
+    generator = PoemGenerator.__new__(PoemGenerator)
+    generator.model = type("Model", (), {"name": "old-poem"})()  # type: ignore[assignment]
+    generator.vocab = Vocabulary.from_dict(poem_meta["preprocessing"]["vocab"])
+    generator.sounds = None
+    for ask in ({"rhyme": "auto"}, {"tones": "loose"}):
+        with pytest.raises(PoemRequestError, match="old-poem was exported without its 平水韵 tables"):
+            generator.samplers(PoemRequest(**ask))
+    (sampler,) = generator.samplers(PoemRequest(seed=1))
+    assert sampler.constraint is None and sampler.constraint_spec is None

@@ -322,3 +322,54 @@ def test_results_block_is_rendered_from_its_record() -> None:
     text = poem_sound_eval.RESULTS_PATH.read_text(encoding="utf-8")
     block = text.split(f"<!-- generated: {poem_sound_eval.BLOCK} -->\n", 1)[1].split(report.END, 1)[0]
     assert block.rstrip() == poem_sound_eval.markdown_section(record).rstrip(), "run `python -m training poem-eval`"
+
+
+def test_the_batched_step_masks_only_the_constrained_rows(table: SoundTable, vocab: Vocabulary) -> None:
+    """``advance_all`` with a batch mixing constrained and free poems (what the decoding process
+    steps): the constrained ones rhyme and keep the strict pattern, the free ones are exactly the
+    poems they are when stepped alone (their rows untouched, their random draws their own)."""
+    from serving.poem_sampling import PoemSampler, SamplingParams, advance_all
+
+    params = SamplingParams(1.0, 0, 1.0, 1.1)
+    spec = ProsodySpec("auto", "strict")
+    for form in (PoemForm(5, 4), PoemForm(7, 8)):
+        plan = plan_poem(form, vocab)
+        rng = np.random.default_rng(form.chars_per_clause)
+        steps = rng.normal(size=(form.slots, 4, len(vocab))).astype(np.float32)
+        batch = [PoemSampler(list(plan), vocab, params, seed) for seed in range(4)]
+        for s in batch[::2]:
+            s.constraint = PoemProsody(table, form, list(plan), spec)
+        alone = [PoemSampler(list(plan), vocab, params, seed) for seed in (1, 3)]
+        for slot in range(form.slots):
+            advance_all(batch, steps[slot])
+            for s, row in zip(alone, (1, 3), strict=True):
+                advance_all([s], steps[slot, row][None])
+        assert [batch[1].text, batch[3].text] == [alone[0].text, alone[1].text]
+        for s in batch[::2]:
+            found = _check(table, s.text, spec, form)
+            assert found["rhymes"] and all(found["pattern_lines"]), (s.text, found)
+        assert not all(analyse(table, s.text)["rhymes"] for s in alone)  # random logits alone do not
+
+
+def test_the_decoding_process_builds_each_poems_constraint_from_its_message(meta: dict, table: SoundTable,
+                                                                            tokens: list[str]) -> None:
+    """The decoder's side of the protocol: ``Setup.prosody`` becomes one table, ``AddPoem``'s spec a
+    constraint on that poem only; a spec sent to a decoder without tables fails that poem alone."""
+    from serving.poem_decoder import StepLoop
+    from serving.poem_protocol import AddPoem, StepFailed
+    from serving.poem_sampling import SamplingParams
+
+    vocab = Vocabulary(tokens)
+    form = PoemForm(5, 4)
+    sent: list = []
+    loop = StepLoop(None, vocab, 1, 4, 8, sent.append, sounds=table)  # type: ignore[arg-type]
+    plan = tuple(plan_poem(form, vocab))
+    loop._apply(AddPoem(1, plan, SamplingParams(), 1, form, ProsodySpec("阳", "loose")))
+    loop._apply(AddPoem(2, plan, SamplingParams(), 2))
+    first, second = loop.waiting
+    assert isinstance(first.sampler.constraint, PoemProsody) and first.sampler.constraint.spec.rhyme == "阳"
+    assert first.sampler.constraint.table is table and second.sampler.constraint is None
+    bare: list = []
+    StepLoop(None, vocab, 1, 4, 8, bare.append)._apply(  # type: ignore[arg-type]
+        AddPoem(3, plan, SamplingParams(), 3, form, ProsodySpec("auto", "off")))
+    assert bare == [StepFailed((3,), "LookupError")] and not sent

@@ -455,12 +455,30 @@
       if (LINE_ENDS.has(char)) this.line = null;
     }
 
-    finish(text) {
+    finish(text, prosody) {
       // The whole poem from the done event is authoritative: redraw from it.
       this.element.replaceChildren();
       this.line = null;
       for (const char of text) this.add(char);
       this.element.classList.remove("streaming");
+      if (prosody) this.showSound(prosody);
+    }
+
+    /** Each line's tone marks (平 仄, 中 = either reading, ？ = not in the table) under it, and the rhyme group. */
+    showSound(prosody) {
+      const lines = [...this.element.querySelectorAll(".line")];
+      lines.forEach((line, i) => {
+        if (prosody.tones[i] === undefined) return;
+        const marks = document.createElement("span");
+        marks.className = "tones";
+        marks.textContent = prosody.tones[i];
+        if (prosody.pattern?.[i] === false) marks.classList.add("off-pattern");
+        line.after(marks);
+      });
+      const rhyme = document.createElement("span");
+      rhyme.className = "rhyme";
+      rhyme.textContent = prosody.rhyme_group ? `韵 ${prosody.rhyme_group}` : "no single rhyme group · 不押韵";
+      this.element.append(rhyme);
     }
   }
 
@@ -536,7 +554,7 @@
           received += 1;
           $("poem-count").textContent = String(received);
         } else if (kind === "done") {
-          data.poems.forEach((poem, i) => (views[i] ||= new PoemView(output)).finish(poem.poem));
+          data.poems.forEach((poem, i) => (views[i] ||= new PoemView(output)).finish(poem.poem, poem.prosody));
           const seeds = data.poems.map((p) => p.seed).join(", ");
           $("poem-meta").textContent = `${data.model} · version ${data.version} · seed ${seeds}`;
           setPoemState("done", "Done");
