@@ -265,10 +265,10 @@ class Picked:
 
     def __init__(self, records: list[Record]) -> None:
         self.records = records
-        self._cache: dict[int, Series | None] = {}
+        self._cache: dict[tuple[str, str, str, bool], Series | None] = {}
 
     def __call__(self, variant: Variant) -> Series | None:
-        key = id(variant)
+        key = (variant.benchmark, variant.command, variant.what, variant.previous)
         if key not in self._cache:
             self._cache[key] = pick(self.records, variant.benchmark, variant.wanted, variant.previous)
         return self._cache[key]
