@@ -3,15 +3,18 @@
     python loadtests/overload.py --duration 12 --env DLBOOK_ORT_INTRA_THREADS=1
 
 For each concurrency (1, 8, 32, 128, 256 by default) wrk sends one real Fashion-MNIST image as JSON
-to ``/classify_pixels`` for ``--duration`` seconds. A worker whose event loop runs later than
-``DLBOOK_MAX_QUEUE_MS`` (or that holds ``DLBOOK_MAX_IN_FLIGHT`` requests) answers new requests at
-once with 503 and ``Retry-After`` (counted in ``dlbook_shed_total``), so what it accepts keeps a
-bounded latency instead of every request waiting longer until clients time out. wrk cannot split
-latency by status, so beside it a probe client sends one request every 20 ms and times accepted
-(200) answers on its own. Reported per level: answered and shed per second, wrk's latency over all
-answers, and the probe's p50/p99 of accepted answers. The run fails (exit 1) on any answer other
-than 200 or 503, any socket error or timeout, or a 503 without ``Retry-After``. Each invocation
-writes its record to ``docs/bench/`` (``--record-dir``; see :mod:`loadtests.records`), a failed one too.
+to ``/classify_pixels`` for ``--duration`` seconds. A worker runs ``DLBOOK_MAX_IN_FLIGHT`` requests at
+once and queues the next in arrival order (``serving.admission``); it answers 503 with ``Retry-After``
+(counted in ``dlbook_shed_total``) only when its event loop runs later than ``DLBOOK_MAX_QUEUE_MS``, its
+queue is full, or a request waited ``DLBOOK_MAX_WAIT_MS``. wrk cannot split latency by status, so beside
+it a polite probe client sends one request at a time (every 20 ms, and after a 503 it waits what
+``Retry-After`` says) and times accepted (200) answers on its own. Reported per level: answered and shed
+per second, wrk's latency over all answers, the probe's p50/p99 of accepted answers and its share of
+requests accepted, and the CPU the server and wrk used (cores busy: wrk shares the machine's cores, so
+its share is what the server could not have), with the server CPU per answer; from those, the
+estimated CPU of one refusal against one served request (:func:`refusal_cost`). The run fails (exit 1)
+on any answer other than 200 or 503, any socket error or timeout, or a 503 without ``Retry-After``. Each
+invocation writes its record to ``docs/bench/`` (``--record-dir``; see :mod:`loadtests.records`), a failed one too.
 """
 
 from __future__ import annotations

@@ -541,7 +541,7 @@ def section_overload(picked: Picked, variant: Variant = OVERLOAD) -> str:
     out = table(["concurrency", "answered 200/s", "200/s vs c=32", "shed 503/s", "other answers (all invocations)",
                  "socket errors / timeouts (all invocations)", "p50 / p99 ms (all answers, wrk)",
                  "slowest answer ms (all invocations)", "probe: accepted p50 / p99 ms",
-                 "probe (polite client) requests accepted", "server / wrk CPU, cores"], rows)
+                 "probe: share of its requests accepted", "server / wrk CPU, cores"], rows)
     costs = [r["result"]["refusal_cost"] for r in series.records if r["result"].get("refusal_cost")]
     if costs:
         out += ("\n\nServer CPU of one refusal, estimated per invocation (what the server spent beyond its served "
@@ -678,9 +678,19 @@ def readme_block(picked: Picked) -> str:
     if over:
         clean = sum(1 for r in over.records if r["result"].get("passed"))
         top = over.values(lambda r: max(lv["max_ms"] for lv in r["levels"]))
-        lines.append(f"- **Overload** (up to {max(lv['concurrency'] for lv in over.records[0]['result']['levels'])} "
-                     f"connections): {clean} of {over.n} invocations answered only 200 or a fast 503 with "
-                     f"`Retry-After`, no timeouts; slowest answer {spread(top, 'ms0')} ms.")
+        most = max(lv["concurrency"] for lv in over.records[0]["result"]["levels"])
+
+        def at(r: Record, level: int, key: str) -> float:
+            return next(lv for lv in r["levels"] if lv["concurrency"] == level)[key]
+
+        goodput = over.values(lambda r: at(r, most, "ok_per_s") / at(r, 32, "ok_per_s"))
+        polite = over.values(lambda r: at(r, most, "probe_accepted")
+                             / max(at(r, most, "probe_accepted") + at(r, most, "probe_shed"), 1))
+        lines.append(f"- **Overload** (up to {most} connections): {clean} of {over.n} invocations answered only 200 "
+                     f"or a 503 with `Retry-After`, no timeouts; at {most} connections the worker still answered "
+                     f"{spread(goodput)} its throughput at 32, a polite client (one request at a time, honouring "
+                     f"`Retry-After`) got {spread(polite, 'share')} of its requests through; slowest answer "
+                     f"{spread(top, 'ms0')} ms.")
     else:
         lines.append("- **Overload**: no median yet (fewer than 3 recorded invocations).")
     soak = picked.complete(SOAK)
