@@ -171,13 +171,18 @@ def test_what_only_the_model_can_judge_is_a_422_and_a_typo_is_refused(poem_serve
     _refused(_post(base, {"temperature": "hot"}), 400, "temperature:")
 
 
-def test_the_openapi_schema_shows_every_bound(poem_server) -> None:
-    base, _ = poem_server
+def _openapi_fields(base: str) -> dict:
+    """The properties of /generate_poem's request body in the served OpenAPI schema."""
     spec = httpx.get(f"{base}/docs.json", timeout=30).json()
     body = spec["paths"]["/generate_poem"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     if "$ref" in body:
         body = spec["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
-    fields = body["properties"]
+    return body["properties"]
+
+
+def test_the_openapi_schema_shows_every_bound(poem_server) -> None:
+    base, _ = poem_server
+    fields = _openapi_fields(base)
     assert fields["prompt"]["maxLength"] == MAX_PROMPT_CHARS and fields["acrostic"]["maxLength"] == MAX_ACROSTIC_CHARS
     assert fields["theme"]["maxLength"] == MAX_THEME_CHARS
     assert fields["chars_per_clause"]["enum"] == [5, 7] and fields["lines"]["enum"] == [4, 8]
@@ -331,11 +336,7 @@ def test_rhyme_and_tones_off_write_exactly_the_unconstrained_poems(poem_server, 
 
 def test_the_openapi_schema_shows_rhyme_and_tones(poem_server) -> None:
     base, _ = poem_server
-    spec = httpx.get(f"{base}/docs.json", timeout=30).json()
-    body = spec["paths"]["/generate_poem"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    if "$ref" in body:
-        body = spec["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
-    fields = body["properties"]
+    fields = _openapi_fields(base)
     assert fields["tones"]["enum"] == ["off", "loose", "strict"] and fields["tones"]["default"] == "off"
     assert fields["rhyme"]["default"] == "off" and "一东" in fields["rhyme"]["description"]
     assert all(name[-1] in fields["rhyme"]["description"] for name in LEVEL_GROUPS)
