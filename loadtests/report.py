@@ -247,7 +247,12 @@ PEERS_TS1 = Variant("peers", "TorchServe without its batcher, ours with two work
                     "--torchserve-batch-size 1 --env DLBOOK_WORKERS=2", _peers(2, 1, ("torchserve",)))
 POEMS = Variant("poem-http", "poems over HTTP, 16 streams",
                 "python loadtests/poem_http_bench.py --rounds 2 --streams 16",
-                lambda c: c["streams"] == 16 and c.get("client", "lean") == "lean" and workers(c) == 1)
+                lambda c: c["streams"] == 16 and c.get("client", "lean") == "lean" and workers(c) == 1
+                and c.get("rhyme", "off") == "off" and c.get("tones", "off") == "off")
+POEMS_SOUND = Variant("poem-http", "poems over HTTP, 16 streams, every poem rhyming with strict tones",
+                      "python loadtests/poem_http_bench.py --rounds 2 --streams 16 --rhyme auto --tones strict",
+                      lambda c: c["streams"] == 16 and c.get("client", "lean") == "lean" and workers(c) == 1
+                      and c.get("rhyme") == "auto" and c.get("tones") == "strict")
 POEM_ENGINE = Variant("poem-throughput", "the poem engine in process, 16 poems",
                       "python loadtests/poem_throughput.py --rounds 3 --streams 16", lambda c: c["streams"] == 16)
 OVERLOAD = Variant("overload", "overload",
@@ -718,6 +723,7 @@ def sections(records: list[Record]) -> dict[str, dict[str, str]]:
             "http-bench": section_http(picked, HTTP_W1),
             "http-bench-previous": section_http(picked, dataclasses.replace(HTTP_W1, previous=True)),
             "poem-http-previous": section_poems(picked, dataclasses.replace(POEMS, previous=True)),
+            "poem-http-sound": section_poems(picked, POEMS_SOUND),
             "overload-previous": section_overload(picked, dataclasses.replace(OVERLOAD, previous=True)),
             "http-bench-w2": section_http(picked, HTTP_W2),
             "overload": section_overload(picked),
