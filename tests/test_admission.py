@@ -1,6 +1,7 @@
 """``serving.admission.Slots``: requests beyond the limit wait in arrival order, bounded in number and time.
 
-Run on asyncio's real loop with short waits; nothing here measures speed."""
+Run on asyncio's real loop; the order is driven by yielding to the loop, not by sleeping, and nothing
+here measures or bounds how long anything takes."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def test_waiters_are_admitted_in_arrival_order_as_slots_free_up() -> None:
             tasks.append(asyncio.create_task(_hold(slots, order, i, releases[i])))
             await asyncio.sleep(0)  # each arrives after the previous one
         for i in range(5):
-            await asyncio.sleep(0.01)
+            for _ in range(3):  # let the woken waiter run up to its release event
+                await asyncio.sleep(0)
             assert order == list(range(i + 1)) and slots.executing == 1  # exactly one runs; the next waits
             releases[i].set()
         assert all(await asyncio.gather(*tasks))
@@ -54,13 +56,13 @@ def test_waiters_are_admitted_in_arrival_order_as_slots_free_up() -> None:
 
 def test_a_full_queue_refuses_at_once_and_a_long_wait_is_refused() -> None:
     async def scenario() -> None:
-        slots = Slots(limit=1, max_waiting=2, max_wait_s=0.05)
+        slots = Slots(limit=1, max_waiting=2, max_wait_s=0.001)
         assert await slots.enter()
         waiting = [asyncio.create_task(slots.enter()) for _ in range(2)]
         await asyncio.sleep(0)
         assert slots.waiting == 2
         assert await slots.enter() is False  # a third would wait: the queue holds two
-        assert await asyncio.gather(*waiting) == [False, False]  # nobody left in 50 ms: both waited out
+        assert await asyncio.gather(*waiting) == [False, False]  # nobody left before their deadline: both refused
         slots.leave()
         assert slots.executing == 0 and slots.waiting == 0
         assert await slots.enter()  # the expired entries do not block a later request
