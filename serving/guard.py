@@ -96,7 +96,6 @@ class RequestGuardMiddleware:
         self.app = app
         self.max_body = max_body or settings.max_body_bytes
         self.in_flight_limit = settings.max_in_flight if in_flight_limit is None else in_flight_limit
-        self.in_flight = 0  # API requests inside the guard, waiting ones included
         self.slots = Slots(self.in_flight_limit, settings.max_waiting, settings.max_wait_s)
         self.queue_budget = settings.queue_budget_s
         self.loop_lag = LoopLag()
@@ -128,11 +127,9 @@ class RequestGuardMiddleware:
                 message = {**message, "headers": [*message.get("headers", []), id_header]}
             await send(message)
 
-        self.in_flight += 1
         try:
             await self._guarded(scope, receive, send_with_id, headers)
         finally:
-            self.in_flight -= 1
             REQUEST_ID.reset(token)
             seconds = time.perf_counter() - began
             status = str(answer.get("status", "-"))
