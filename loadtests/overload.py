@@ -29,6 +29,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -43,13 +44,39 @@ from loadtests.servers import bentoml_service, cpu_seconds  # noqa: E402
 PATH = "/classify_pixels"
 
 
-def scrape(base: str) -> dict[str, float]:
-    """The server's count of shed requests on the benchmarked route."""
+def scrape(base: str) -> dict[str, Any]:
+    """The server's count of shed requests on the benchmarked route, and its histogram of the time to
+    answer the accepted ones (``dlbook_request_seconds``, status 200: upper bound → cumulative count)."""
     with urllib.request.urlopen(base + "/metrics", timeout=10) as answer:
         text = answer.read().decode()
-    shed = sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == "dlbook_shed_total" and sample.labels.get("path") == PATH)
-    return {"shed": shed}
+    shed, buckets = 0.0, {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "dlbook_shed_total" and sample.labels.get("path") == PATH:
+                shed += sample.value
+            elif (sample.name == "dlbook_request_seconds_bucket" and sample.labels.get("path") == PATH
+                  and sample.labels.get("status") == "200"):
+                bound = float(sample.labels["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    return {"shed": shed, "accepted_buckets": buckets}
+
+
+def histogram_quantile_ms(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
+    """The ``q`` quantile of what was observed between two scrapes of a cumulative histogram, in ms,
+    interpolated within its bucket as Prometheus's ``histogram_quantile`` does (None: nothing observed)."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank, lower, below = q * counts[-1], 0.0, 0.0
+    for bound, cumulative in zip(bounds, counts, strict=True):
+        if cumulative >= rank:
+            if bound == float("inf"):
+                return 1e3 * lower
+            share = (rank - below) / max(cumulative - below, 1e-12)
+            return 1e3 * (lower + (bound - lower) * share)
+        lower, below = bound, cumulative
+    return 1e3 * lower
 
 
 class Probe(threading.Thread):
@@ -110,6 +137,26 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def measured_refusal_cost(request: Any, env: dict[str, str], served_ms: float, duration_s: float) -> dict[str, float]:
+    """The server CPU of one refusal, measured: a second server that lets one request execute and none
+    wait (``DLBOOK_MAX_IN_FLIGHT=1 DLBOOK_MAX_WAITING=0``) under 32 connections refuses nearly all of
+    them; its CPU beyond its few served requests (at ``served_ms`` each, the main server's figure at
+    c=32), per refusal, is what a refusal costs, HTTP parsing and the socket writes included."""
+    log = Path(tempfile.mkdtemp(prefix="dlbook-refusals-")) / "server.log"
+    refusing = {**env, "DLBOOK_MAX_IN_FLIGHT": "1", "DLBOOK_MAX_WAITING": "0", "DLBOOK_MAX_QUEUE_MS": "0"}
+    with bentoml_service("ImageService", log, refusing) as base:
+        run_wrk(base, request, connections=8, duration_s=2, track_status=True)  # warm-up
+        cpu = cpu_seconds(base)
+        result = run_wrk(base, request, connections=32, duration_s=duration_s, threads=2, timeout_s=10,
+                         track_status=True)
+        cpu = cpu_seconds(base) - cpu
+    ok, shed = result.statuses.get("200", 0), result.statuses.get("503", 0)
+    refusal_ms = 1e3 * max(0.0, cpu - ok * served_ms / 1e3) / max(shed, 1)
+    return {"served_ms": served_ms, "refusal_ms": refusal_ms, "ratio": refusal_ms / served_ms,
+            "refused_per_s": shed / result.duration_s, "served_per_s": ok / result.duration_s,
+            "server_cpu_s_per_s": cpu / result.duration_s, "method": "measured"}
+
+
 def refusal_cost(rows: list[dict]) -> dict[str, float] | None:
     """The server CPU of one refusal against one served request, estimated from the levels.
 
@@ -164,6 +211,9 @@ def main() -> None:
                    "p99_ms": result.p99, "max_ms": result.max, "probe_accepted": len(probe.accepted),
                    "probe_shed": probe.shed, "probe_p50_ms": probe.percentile_ms(0.5),
                    "probe_p99_ms": probe.percentile_ms(0.99),
+                   "accepted_p50_ms": histogram_quantile_ms(before["accepted_buckets"], after["accepted_buckets"], 0.5),
+                   "accepted_p99_ms": histogram_quantile_ms(before["accepted_buckets"], after["accepted_buckets"],
+                                                            0.99),
                    "server_cpu_s_per_s": server_cpu / result.duration_s, "wrk_cpu_s_per_s": wrk_cpu / result.duration_s,
                    "server_cpu_ms_per_answer": 1e3 * server_cpu / max(ok + shed, 1)}
             rows.append(row)
@@ -176,23 +226,26 @@ def main() -> None:
         if seen != with_header:
             failures.append(f"{seen - with_header} of {seen} 503s had no Retry-After")
 
-    refusal = refusal_cost(rows)
+    served_rows = [r for r in rows if r["concurrency"] == 32] or rows[-1:]
+    refusal = measured_refusal_cost(request, env, served_rows[0]["server_cpu_ms_per_answer"], args.duration)
     lines = ["| concurrency | answered 200/s | shed 503/s (metric) | other answers | socket errors / timeouts | "
-             "p50 / p99 / max ms (all answers, wrk) | probe: accepted p50 / p99 ms (shed) | "
+             "p50 / p99 / max ms (all answers, wrk) | accepted p50 / p99 ms (server) | "
+             "probe: accepted p50 / p99 ms (shed) | "
              "server / wrk CPU (cores) | server CPU ms per answer |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         probe_text = (f"{r['probe_p50_ms']:.1f} / {r['probe_p99_ms']:.1f} ({r['probe_shed']} of "
                       f"{r['probe_shed'] + r['probe_accepted']})" if r["probe_p50_ms"] else f"- ({r['probe_shed']})")
         lines.append(f"| {r['concurrency']} | {r['ok_per_s']:,.0f} | {r['shed_per_s']:,.0f} ({r['shed_metric']:.0f}) | "
                      f"{sum(r['other_statuses'].values())} | {r['socket_errors']} / {r['timeouts']} | "
-                     f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} / {r['max_ms']:.0f} | {probe_text} | "
+                     f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} / {r['max_ms']:.0f} | "
+                     f"{r['accepted_p50_ms'] or 0:.1f} / {r['accepted_p99_ms'] or 0:.1f} | {probe_text} | "
                      f"{r['server_cpu_s_per_s']:.2f} / {r['wrk_cpu_s_per_s']:.2f} | "
                      f"{r['server_cpu_ms_per_answer']:.3f} |")
     print("\n".join(lines))
     if refusal:
-        print(f"CPU of one refusal, estimated: {refusal['refusal_ms']:.3f} ms against {refusal['served_ms']:.3f} ms "
-              f"for one served request ({refusal['ratio']:.2f}×)")
+        print(f"CPU of one refusal, measured: {refusal['refusal_ms']:.3f} ms against {refusal['served_ms']:.3f} ms "
+              f"for one served request ({refusal['ratio']:.2f}×; {refusal['refused_per_s']:,.0f} refusals/s)")
     print(f"burst of 400 at once: {seen} shed, {with_header} with Retry-After")
     if args.json:
         args.json.write_text(json.dumps({"levels": rows, "burst": {"shed": seen, "retry_after": with_header},

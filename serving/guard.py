@@ -1,4 +1,4 @@
-"""The request guard: the ASGI middleware in front of every service, reading each request top-down.
+"""The request guard: the ASGI app in front of every service (``stand_in_front``), reading each request top-down.
 
 1. ``/metrics`` is answered here (BentoML's own metrics are off by default, ``serving.config``);
    health, docs and the playground pass through unguarded.
@@ -8,6 +8,7 @@
    503 with ``Retry-After`` while the event loop runs later than ``DLBOOK_MAX_QUEUE_MS``; otherwise the
    request takes one of ``DLBOOK_MAX_IN_FLIGHT`` slots, or waits for one in arrival order (503 when
    ``DLBOOK_MAX_WAITING`` already wait or it waited ``DLBOOK_MAX_WAIT_MS``), before its body is read.
+   Those 503s are logged as a summary a second (``ShedLog``), not a line each.
 4. The body limit (413), then multipart forms parsed once and checked against the route (400).
 5. A route the worker answers directly (``serving.direct_routes``) is answered here; anything else is
    replayed to BentoML, whose 400 validation bodies are flattened into our shape.
@@ -24,22 +25,27 @@ requests bounded).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import itertools
 import json
 import logging
 import re
+import secrets
 import time
-import uuid
+from collections import Counter
+from typing import Any
 
 from serving import direct_routes
 from serving.admission import LoopLag, Slots
 from serving.errors import REQUEST_ID, ApiError, error_answer, error_response, flatten_validation_errors, refusal
-from serving.metrics import REQUEST_SECONDS, SHED, exposition
+from serving.metrics import ERRORS, REQUEST_SECONDS, SHED, exposition
 from serving.multipart_form import FormError, FormPart, is_multipart, parse_form
 from serving.routes import FORM_FIELDS, route_label
 from serving.settings import Settings, current
 
 access_logger = logging.getLogger("dlbook.access")
+logger = logging.getLogger("dlbook.serving")
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
@@ -47,10 +53,20 @@ OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/static_content/", "
 OPEN_PAGES = ("/", "/docs.json", "/schema.json", "/ui")
 
 
+_ID_PREFIX = secrets.token_hex(4)  # this worker's: ids from different workers and restarts do not collide
+_ID_COUNTER = itertools.count()
+
+
 def request_id_for(headers: dict[bytes, bytes]) -> str:
-    """The caller's ``X-Request-ID`` when it is a sane token (so traces join up), else a fresh one."""
-    supplied = headers.get(b"x-request-id", b"").decode("latin-1")
-    return supplied if _CLIENT_ID.fullmatch(supplied) else uuid.uuid4().hex[:16]
+    """The caller's ``X-Request-ID`` when it is a sane token (so traces join up), else a fresh one:
+    16 hex digits, this worker's random prefix and a counter (unique without a call to the OS's
+    random source per request, which ``uuid4`` makes)."""
+    supplied = headers.get(b"x-request-id")
+    if supplied:
+        text = supplied.decode("latin-1")
+        if _CLIENT_ID.fullmatch(text):
+            return text
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}"
 
 
 def is_open(path: str) -> bool:
@@ -84,6 +100,80 @@ def form_problem(path: str, parts: list[FormPart]) -> str | None:
     return None
 
 
+class ShedLog:
+    """The log of requests shed at capacity: the first one at once, then one line a second with the count.
+
+    Why not a line each: at 256 connections the worker shed 2,600 requests a second, and a log line
+    is a tenth of a refusal's CPU (``loadtests/request_cpu.py``); a line a second says the same to
+    an operator, and ``dlbook_shed_total`` keeps the exact count. The line names the paths and the
+    id of the last request shed, which the client also got in its 503 body.
+    """
+
+    def __init__(self, period_s: float = 1.0) -> None:
+        self.period_s = period_s
+        self.counts: Counter[str] = Counter()
+        self.last_id = ""
+        self.flush_due = False
+
+    def note(self, path: str, request_id: str) -> None:
+        self.counts[route_label(path)] += 1
+        self.last_id = request_id
+        if not self.flush_due:
+            self.flush_due = True
+            self.flush()  # the first after a quiet period at once: an operator sees shedding begin
+            asyncio.get_running_loop().call_later(self.period_s, self._flush_later)
+
+    def _flush_later(self) -> None:
+        self.flush_due = False
+        if self.counts:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.counts:
+            return
+        total = sum(self.counts.values())
+        paths = ", ".join(f"{path} {count}" for path, count in self.counts.most_common())
+        logger.warning("shed %d request%s at capacity with 503 (%s) [last request %s]; "
+                       "see dlbook_shed_total, DLBOOK_MAX_IN_FLIGHT and DLBOOK_MAX_WAITING", total,
+                       "" if total == 1 else "s", paths, self.last_id)
+        self.counts.clear()
+
+
+def stand_in_front(service: Any, settings: Settings | None = None) -> None:
+    """Put the request guard in front of ``service``'s whole ASGI app, not inside BentoML's middleware.
+
+    Why: as an ASGI middleware (``add_asgi_middleware``) the guard sits inside Starlette's error
+    middleware, OpenTelemetry's (which decodes the headers to match its excluded URLs even when it
+    makes no span) and BentoML's timeout middleware, and every request, refusals included, paid for
+    the three of them before the guard could answer it: 0.035 ms of CPU per request at 32 concurrent
+    requests in process, 0.055 ms at one (``loadtests/request_cpu.py``; docs/PERFORMANCE.md, "Where a
+    request's CPU goes"). In front, the guard answers its direct routes, refusals and ``/metrics``
+    without them, and replays everything else to the app BentoML built, with all of them.
+
+    How: BentoML 1.4's worker builds its ASGI app with ``Service.to_asgi()`` and hands it to uvicorn,
+    with no hook to wrap it (``_bentoml_impl/worker/service.py``,
+    https://github.com/bentoml/BentoML/blob/v1.4.39/src/_bentoml_impl/worker/service.py); the service
+    object becomes an instance of a subclass whose ``to_asgi`` wraps the app (``Service`` is a slotted
+    attrs class, so its methods cannot be replaced on the instance). ``DLBOOK_TRACING=1`` keeps the
+    guard inside OpenTelemetry's middleware, so the direct routes get their spans. Remove this when
+    BentoML offers an outermost-middleware hook; ``tests/test_upstream_conditions.py`` checks that the
+    guard is the app uvicorn receives.
+    """
+    settings = settings or current()
+    if settings.tracing:
+        service.add_asgi_middleware(RequestGuardMiddleware)
+        return
+    base = type(service)
+
+    class GuardedService(base):  # type: ignore[misc, valid-type]
+        __slots__ = ()
+
+        def to_asgi(self, is_main: bool = True) -> RequestGuardMiddleware:
+            return RequestGuardMiddleware(base.to_asgi(self, is_main))
+
+    service.__class__ = GuardedService
+
+
 class RequestGuardMiddleware:
     """Checks every request before BentoML parses it, answers the direct routes, and logs each request
     with its id when it is answered (the steps in this module's docstring). Health, metrics and docs
@@ -96,12 +186,21 @@ class RequestGuardMiddleware:
         self.app = app
         self.max_body = max_body or settings.max_body_bytes
         self.in_flight_limit = settings.max_in_flight if in_flight_limit is None else in_flight_limit
-        self.slots = Slots(self.in_flight_limit, settings.max_waiting, settings.max_wait_s)
+        self.slots = Slots(self.in_flight_limit, settings.max_waiting, settings.max_wait_s,
+                           settings.newest_first_after_s)
         self.queue_budget = settings.queue_budget_s
         self.loop_lag = LoopLag()
         self.key = settings.api_key
         self.timeout_s = settings.request_timeout_s
         self.serve_metrics = not settings.bentoml_metrics  # then BentoML has no /metrics route: we answer it
+        self._timers: dict[tuple[str, int], Any] = {}
+        self.shed_log = ShedLog()
+        self._late_message = (f"the server is at capacity (requests wait over {self.queue_budget * 1e3:.0f} ms, "
+                              "DLBOOK_MAX_QUEUE_MS); retry after the Retry-After seconds")
+        self._full_message = (f"the server is at capacity ({self.in_flight_limit} requests in progress per worker, "
+                              f"DLBOOK_MAX_IN_FLIGHT, and {self.slots.max_waiting} may wait for at most "
+                              f"{self.slots.max_wait_s * 1e3:.0f} ms, DLBOOK_MAX_WAITING / DLBOOK_MAX_WAIT_MS); "
+                              "retry after the Retry-After seconds")
 
     async def __call__(self, scope, receive, send) -> None:
         if self.serve_metrics and scope["type"] == "http" and scope.get("path") == "/metrics":
@@ -127,40 +226,49 @@ class RequestGuardMiddleware:
                 message = {**message, "headers": [*message.get("headers", []), id_header]}
             await send(message)
 
+        path = scope.get("path", "")
+        shed = False
         try:
-            await self._guarded(scope, receive, send_with_id, headers)
+            shed = await self._guarded(scope, receive, send_with_id, headers, path)
         finally:
             REQUEST_ID.reset(token)
             seconds = time.perf_counter() - began
-            status = str(answer.get("status", "-"))
-            REQUEST_SECONDS.labels(route_label(scope.get("path", "")), status).observe(seconds)
-            access_logger.info("%s %s %s %.1fms [request %s]", scope.get("method"), scope.get("path"), status,
-                               seconds * 1e3, request_id)
+            status = answer.get("status", 0)
+            self._request_seconds(path, status).observe(seconds)
+            if shed:  # one summary line a second for these, not a line each (ShedLog)
+                self.shed_log.note(path, request_id)
+            else:
+                access_logger.info("%s %s %s %.1fms [request %s]", scope.get("method"), path, status or "-",
+                                   seconds * 1e3, request_id)
 
-    async def _guarded(self, scope, receive, send, headers: dict[bytes, bytes]) -> None:
-        path = scope.get("path", "")
+    def _request_seconds(self, path: str, status: int):
+        """The histogram child for (route, status), looked up once (``labels()`` costs a lock and a tuple)."""
+        key = (path, status)
+        child = self._timers.get(key)
+        if child is None:
+            child = REQUEST_SECONDS.labels(route_label(path), str(status or "-"))
+            if len(self._timers) < 512:  # bounded: unknown paths share the "other" label anyway
+                self._timers[key] = child
+        return child
+
+    async def _guarded(self, scope, receive, send, headers: dict[bytes, bytes], path: str) -> bool:
+        """Authenticate, admit and answer the request; True when it was shed (503 at capacity)."""
         if self.key and not is_open(path) and not authorised(headers, self.key):
             await self._refuse(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'", path)
-            return
+            return False
         if self.queue_budget:
             self.loop_lag.ensure_running()
             if self.loop_lag.lag_s > self.queue_budget:
-                SHED.labels(route_label(path)).inc()
-                await self._refuse(send, 503, f"the server is at capacity (requests wait over "
-                                   f"{self.queue_budget * 1e3:.0f} ms, DLBOOK_MAX_QUEUE_MS); retry after a second",
-                                   path)
-                return
+                await self._shed(send, path, self._late_message)
+                return True
         if not await self.slots.enter():
-            SHED.labels(route_label(path)).inc()
-            await self._refuse(send, 503, f"the server is at capacity ({self.in_flight_limit} requests in progress "
-                               f"per worker, DLBOOK_MAX_IN_FLIGHT, and {self.slots.max_waiting} may wait for at most "
-                               f"{self.slots.max_wait_s * 1e3:.0f} ms, DLBOOK_MAX_WAITING / DLBOOK_MAX_WAIT_MS); "
-                               "retry after a second", path)
-            return
+            await self._shed(send, path, self._full_message)
+            return True
         try:
             await self._admitted(scope, receive, send, headers, path)
         finally:
             self.slots.leave()
+        return False
 
     async def _admitted(self, scope, receive, send, headers: dict[bytes, bytes], path: str) -> None:
         if scope.get("method") in ("GET", "HEAD"):
@@ -226,6 +334,19 @@ class RequestGuardMiddleware:
         if isinstance(response, str):
             response = error_response(response, 400, route_label(path))
         await response(scope, receive, send)  # the body is read: receive now only reports a disconnect
+
+    async def _shed(self, send, path: str, message: str) -> None:
+        """503 at capacity, as cheaply as an answer can be: counted (``dlbook_shed_total``,
+        ``dlbook_request_errors_total``, ``dlbook_request_seconds``) and logged in the shed summary, not
+        line by line; the body still carries the request id, so a client can quote it."""
+        label = route_label(path)
+        SHED.labels(label).inc()
+        ERRORS.labels(label, "503").inc()
+        body = json.dumps({"error": message, "status": 503, "request_id": REQUEST_ID.get()}).encode()
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"retry-after", b"1")]})
+        await send({"type": "http.response.body", "body": body})
 
     def _too_large(self) -> str:
         return (f"request body exceeds {self.max_body} bytes; send fewer or smaller items per request "

@@ -32,7 +32,7 @@ from serving.batching import MicroBatcher
 from serving.config import service_options
 from serving.direct_routes import DirectRoute
 from serving.errors import ApiError, quiet_client_errors
-from serving.guard import RequestGuardMiddleware
+from serving.guard import stand_in_front
 from serving.house_pricing import HousePricer
 from serving.image_classification import ImageModel
 from serving.image_to_tensor import (
@@ -442,6 +442,6 @@ class DlbookService(ImageAPIs, PriceAPIs, PoemAPIs):
 
 
 for _service in (ImageService, PriceService, PoemService, DlbookService):
-    _service.add_asgi_middleware(RequestGuardMiddleware)
+    stand_in_front(_service)
 
 __all__ = ["DlbookService", "ImageService", "PoemService", "PriceService"]

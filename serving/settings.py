@@ -152,8 +152,8 @@ class Settings:
     max_batch: int = _setting("DLBOOK_MAX_BATCH", 256, _int, "rows per ONNX Runtime call (images, houses)")
     max_poem_batch: int = _setting("DLBOOK_MAX_POEM_BATCH", 64, _int, "live poems per decoding step")
     inline_rows: int = _setting(
-        "DLBOOK_INLINE_ROWS", 16, _int, "image/house batches of at most this many rows run on the event loop "
-        "instead of a thread (a thread hop costs more than a small batch)")
+        "DLBOOK_INLINE_ROWS", 16, _int, "a lone image/house request of at most this many rows runs on the "
+        "event loop (a thread hop costs more than a small batch); a batch of several requests runs in a thread")
     stream_flush_ms: float = _setting(
         "DLBOOK_STREAM_FLUSH_MS", 20.0, _float, "a poem stream writes its events at most this often, the first "
         "character at once; 0 writes every character on its own")
@@ -168,6 +168,10 @@ class Settings:
         "DLBOOK_MAX_WAIT_MS", 1000.0, _float, "the longest a request waits for a slot; then 503 and "
         "`Retry-After: 1` (a closed-loop client that waits sends nothing meanwhile: refusing at once made "
         "goodput fall with load, docs/PERFORMANCE.md)")
+    newest_first_after_ms: float = _setting(
+        "DLBOOK_NEWEST_FIRST_AFTER_MS", 20.0, _float, "once the oldest waiting request has waited this long, "
+        "freed slots go to the newest first (adaptive LIFO: under overload the accepted requests stay fast and "
+        "the oldest run out their wait; 0: always arrival order)")
     max_queue_ms: float = _setting(
         "DLBOOK_MAX_QUEUE_MS", 100.0, _float, "API requests are also shed while the event loop runs this late "
         "(serving/admission.py; 0: never)")
@@ -237,6 +241,10 @@ class Settings:
     @property
     def max_wait_s(self) -> float:
         return self.max_wait_ms / 1e3
+
+    @property
+    def newest_first_after_s(self) -> float:
+        return self.newest_first_after_ms / 1e3
 
     @property
     def queue_budget_s(self) -> float:

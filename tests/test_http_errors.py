@@ -111,3 +111,23 @@ def test_loop_lag_rises_while_the_loop_is_blocked_and_falls_after() -> None:
     assert before == 0.0, before
     assert busy > 0.02, busy
     assert idle < 1e-6, idle
+
+
+def test_shed_requests_are_logged_as_a_summary_with_their_count_and_last_id(caplog) -> None:
+    from serving.guard import ShedLog
+
+    shed_log = ShedLog(period_s=0.05)
+
+    async def burst() -> None:
+        for i in range(5):
+            shed_log.note("/classify_pixels", f"id{i}")
+        shed_log.note("/wp-login.php", "id5")
+        await asyncio.sleep(0.1)  # the period runs out: the rest are summed into one line
+
+    with caplog.at_level(logging.WARNING, logger="dlbook.serving"):
+        asyncio.run(burst())
+    lines = [r.getMessage() for r in caplog.records if r.name == "dlbook.serving"]
+    assert len(lines) == 2
+    assert lines[0].startswith("shed 1 request at capacity") and "[last request id0]" in lines[0]
+    assert "shed 5 requests" in lines[1] and "/classify_pixels 4" in lines[1] and "other 1" in lines[1]
+    assert "[last request id5]" in lines[1]

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from loadtests import records
 from training.bench import DEFAULT_MODELS, alternate
 
@@ -60,3 +62,14 @@ def test_alternate_rotates_the_order_every_round() -> None:
     assert calls == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]  # warm-up, then rotations
     assert all(len(t.round_medians) == 3 and len(t.samples) == 3 for t in timings.values())
     assert all(t.throughput > 0 and t.p99 >= t.median > 0 for t in timings.values())
+
+
+def test_the_accepted_latency_quantile_is_read_from_the_histograms_difference() -> None:
+    from loadtests.overload import histogram_quantile_ms
+
+    inf = float("inf")
+    before = {0.01: 10.0, 0.02: 10.0, 0.05: 10.0, inf: 10.0}  # ten requests observed before the level
+    after = {0.01: 60.0, 0.02: 150.0, 0.05: 160.0, inf: 160.0}  # then 50 under 10 ms, 90 in 10-20, 10 in 20-50
+    assert histogram_quantile_ms(before, after, 0.5) == pytest.approx(10 + 10 * (75 - 50) / 90)
+    assert histogram_quantile_ms(before, after, 0.99) == pytest.approx(20 + 30 * (148.5 - 140) / 10)
+    assert histogram_quantile_ms(after, after, 0.99) is None  # nothing observed in between

@@ -20,3 +20,19 @@ def test_ort_integer_quantiser_still_skips_gemm_and_gru() -> None:
     assert {"MatMul", "Gather"} <= ops, ops  # what the default scheme relies on
     assert "Gemm" not in ops, "ORT now quantises Gemm: delete training.quantize.gemm_as_matmul"
     assert "GRU" not in ops, "ORT now quantises GRU: revisit the poem model's float GRU (training/quantize.py)"
+
+
+def test_the_request_guard_is_the_app_bentomls_worker_hands_to_uvicorn() -> None:
+    """``serving.guard.stand_in_front`` relies on BentoML's worker building its app with
+    ``service.to_asgi()``; when that changes, the guard silently falls out of the request path."""
+    import inspect
+
+    import _bentoml_impl.worker.service as worker
+
+    from serving.guard import RequestGuardMiddleware
+    from serving.service import ImageService
+
+    assert "service.to_asgi(" in inspect.getsource(worker)
+    app = ImageService.to_asgi(is_main=True)
+    assert isinstance(app, RequestGuardMiddleware)
+    assert type(app.app).__name__ == "Starlette"  # BentoML's own app, with its middleware, behind the guard
