@@ -151,7 +151,7 @@ def stand_in_front(service: Any, settings: Settings | None = None) -> None:
     without them, and replays everything else to the app BentoML built, with all of them.
 
     How: BentoML 1.4's worker builds its ASGI app with ``Service.to_asgi()`` and hands it to uvicorn,
-    with no hook to wrap it (``_bentoml_impl/worker/service.py``,
+    with no hook to wrap it (``main`` of BentoML's worker module,
     https://github.com/bentoml/BentoML/blob/v1.4.39/src/_bentoml_impl/worker/service.py); the service
     object becomes an instance of a subclass whose ``to_asgi`` wraps the app (``Service`` is a slotted
     attrs class, so its methods cannot be replaced on the instance). ``DLBOOK_TRACING=1`` keeps the

@@ -73,3 +73,10 @@ def test_the_accepted_latency_quantile_is_read_from_the_histograms_difference() 
     assert histogram_quantile_ms(before, after, 0.5) == pytest.approx(10 + 10 * (75 - 50) / 90)
     assert histogram_quantile_ms(before, after, 0.99) == pytest.approx(20 + 30 * (148.5 - 140) / 10)
     assert histogram_quantile_ms(after, after, 0.99) is None  # nothing observed in between
+
+
+def test_the_report_and_the_peer_benchmark_hold_the_same_bars() -> None:
+    from loadtests.peers.bench_peers import TARGETS
+    from loadtests.report import PEER_TARGETS
+
+    assert {f"{peer}-c{conc}": target for peer, conc, target in TARGETS} == PEER_TARGETS

@@ -22,8 +22,9 @@ ours (same argmax, probabilities within 1e-4), else the run stops: a benchmark o
 worthless. Then each round measures every (concurrency, server) cell with wrk for ``--duration``
 seconds, alternating the server order between rounds so drift on this shared machine hits all alike.
 Reported per cell (medians over rounds): requests/s, p50, p99, errors, server CPU ms per request; and
-the ratios the issue sets targets for: ours ≥ 3× Triton at c=1 and ≥ 1.2× at c=32, ≥ 5× TorchServe at
-c=32. The servers start and stop inside an exclusive lock on ``/tmp/dlbook-bench.lock`` (the lock
+the ratios the issue sets targets for: ours ≥ 3× Triton at c=1 and ≥ 1.2× at c=32, ≥ 1.5× TorchServe
+(with its batcher) and ≥ 0.85× the bare endpoint at c=32. The servers start and stop inside an exclusive
+lock on ``/tmp/dlbook-bench.lock`` (the lock
 ``flock(1)`` takes), so this never overlaps another benchmark; it waits for the lock if needed.
 
 The peers' virtualenvs are built on first use under ``loadtests/peers/.venvs/`` (a few minutes, about
@@ -59,8 +60,8 @@ from loadtests.servers import bare_service, bentoml_service, cpu_seconds  # noqa
 LOCK = records.LOCK
 TOLERANCE = 1e-4  # the export's own ORT/TorchScript parity tolerance (meta.json "parity")
 SERVERS = ("ours", "bare", "triton", "torchserve")
-TARGETS = (  # (peer, concurrency, ours/peer req/s at least)
-    ("triton", 1, 3.0), ("triton", 32, 1.2), ("torchserve", 32, 5.0))
+TARGETS = (  # (peer, concurrency, ours/peer req/s at least): the issue's bars, one worker, one intra-op thread
+    ("triton", 1, 3.0), ("triton", 32, 1.2), ("torchserve", 32, 1.5), ("bare", 32, 0.85))
 
 
 def test_images(count: int) -> np.ndarray:
