@@ -237,9 +237,9 @@ HTTP_W2 = Variant("http-bench", "HTTP served vs bare, two workers",
 PEER_TARGETS = {"triton-c1": 3.0, "triton-c32": 1.2, "torchserve-c32": 1.5, "bare-c32": 0.85}
 
 
-def _peers(n_workers: int, batch: int = 32, peers: tuple[str, ...] = ("torchserve", "triton")):
+def _peers(n_workers: int, batch: int = 32, peers: tuple[str, ...] = ("torchserve", "triton"), instances: int = 1):
     return lambda c: (c["threads"] == 1 and workers(c) == n_workers and c["torchserve_batch_size"] == batch
-                      and tuple(sorted(c["peers"])) == peers)
+                      and tuple(sorted(c["peers"])) == peers and c.get("peer_instances", 1) == instances)
 
 
 PEERS_W1 = Variant("peers", "the peers, ours with one worker",
@@ -250,6 +250,9 @@ PEERS_W2 = Variant("peers", "the peers, ours with two workers",
 PEERS_TS1 = Variant("peers", "TorchServe without its batcher, ours with two workers",
                     "python loadtests/peers/bench_peers.py --rounds 2 --duration 12 --threads 1 --peers torchserve "
                     "--torchserve-batch-size 1 --env DLBOOK_WORKERS=2", _peers(2, 1, ("torchserve",)))
+PEERS_DEFAULTS = Variant("peers", "every server at its own default instance count on this 2-core machine",
+                         "python loadtests/peers/bench_peers.py --rounds 2 --duration 12 --threads 1 "
+                         "--peer-instances 2 --torchserve-batch-size 1", _peers(1, 1, instances=2))
 POEMS = Variant("poem-http", "poems over HTTP, 16 streams",
                 "python loadtests/poem_http_bench.py --rounds 2 --streams 16",
                 lambda c: c["streams"] == 16 and c.get("client", "lean") == "lean" and workers(c) == 1
@@ -805,6 +808,7 @@ def sections(records: list[Record]) -> dict[str, dict[str, str]]:
             "request-cpu": section_request_cpu(picked),
             "peers-w2": section_peers(picked, PEERS_W2),
             "peers-torchserve-b1": section_peers(picked, PEERS_TS1),
+            "peers-defaults": section_peers(picked, PEERS_DEFAULTS),
             "peer-versions": section_peer_versions(picked),
             "http-floor": section_floor(picked),
         },

@@ -212,6 +212,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every server's model runtime")
     parser.add_argument("--triton-max-batch", type=int, default=64)
     parser.add_argument("--triton-queue-delay-us", type=int, default=100)
+    parser.add_argument("--peer-instances", type=int, default=1,
+                        help="model instances of each peer: Triton model instances (PyTriton callables), TorchServe "
+                             "workers (TorchServe's own default is one per CPU; PyTriton's one per callable given)")
     parser.add_argument("--torchserve-batch-size", type=int, default=32)
     parser.add_argument("--torchserve-batch-delay-ms", type=int, default=2)
     parser.add_argument("--verify-images", type=int, default=16, help="test images every server must agree on")
@@ -251,12 +254,12 @@ def main() -> None:
             servers["triton"] = start("triton", triton_service(
                 envs["triton"], model_dir, args.model, work / "triton-workspace", work / "triton.log",
                 threads=args.threads, max_batch=args.triton_max_batch,
-                max_queue_delay_us=args.triton_queue_delay_us))
+                max_queue_delay_us=args.triton_queue_delay_us, instances=args.peer_instances))
         if "torchserve" in envs:
             servers["torchserve"] = start("torchserve", torchserve_service(
                 envs["torchserve"], model_dir, args.model, work / "torchserve", work / "torchserve.log",
                 threads=args.threads, batch_size=args.torchserve_batch_size,
-                max_batch_delay_ms=args.torchserve_batch_delay_ms))
+                max_batch_delay_ms=args.torchserve_batch_delay_ms, workers=args.peer_instances))
 
         worst = verify(servers, images, args.model)
         print("answers agree with ours on", len(images), "test images; largest probability difference:",

@@ -45,7 +45,7 @@ def _port_free(port: int) -> bool:
 
 
 def triton_service(env: PeerEnv, model_dir: Path, name: str, workspace: Path, log: Path, *, threads: int,
-                   max_batch: int, max_queue_delay_us: int) -> AbstractContextManager[str]:
+                   max_batch: int, max_queue_delay_us: int, instances: int = 1) -> AbstractContextManager[str]:
     """Triton (PyTriton) serving ``model_dir``'s ONNX graph as ``name``; yields the base URL.
 
     ``workspace`` (must not exist yet) takes PyTriton's copy of tritonserver, its model store and
@@ -54,7 +54,8 @@ def triton_service(env: PeerEnv, model_dir: Path, name: str, workspace: Path, lo
     port = _free_ports(3)
     cmd = [str(env.python), str(PEERS / "triton_server.py"), "--model-dir", str(model_dir), "--name", name,
            "--port", str(port), "--threads", str(threads), "--max-batch", str(max_batch),
-           "--max-queue-delay-us", str(max_queue_delay_us), "--workspace", str(workspace)]
+           "--max-queue-delay-us", str(max_queue_delay_us), "--workspace", str(workspace),
+           "--instances", str(instances)]
     return running(cmd, f"/v2/models/{name}/ready", port, log, _peer_env(env))
 
 
@@ -75,8 +76,8 @@ def archive_torchserve_model(env: PeerEnv, model_dir: Path, name: str, workdir: 
 
 
 def torchserve_service(env: PeerEnv, model_dir: Path, name: str, workdir: Path, log: Path, *, threads: int,
-                       batch_size: int, max_batch_delay_ms: int) -> AbstractContextManager[str]:
-    """TorchServe with one worker for ``name`` (TorchScript, our handler), batching on; yields the base URL.
+                       batch_size: int, max_batch_delay_ms: int, workers: int = 1) -> AbstractContextManager[str]:
+    """TorchServe with ``workers`` workers for ``name`` (TorchScript, our handler); yields the base URL.
 
     Everything TorchServe writes (logs, metrics, its pid file, the JVM's temp files) goes under
     ``workdir``, which is also its working directory: nothing lands in the repository.
@@ -84,8 +85,8 @@ def torchserve_service(env: PeerEnv, model_dir: Path, name: str, workdir: Path, 
     workdir.mkdir(parents=True, exist_ok=True)
     store = archive_torchserve_model(env, model_dir, name, workdir, threads)
     port = _free_ports(3)
-    models = {name: {"1.0": {"defaultVersion": True, "marName": f"{name}.mar", "minWorkers": 1, "maxWorkers": 1,
-                             "batchSize": batch_size, "maxBatchDelay": max_batch_delay_ms,
+    models = {name: {"1.0": {"defaultVersion": True, "marName": f"{name}.mar", "minWorkers": workers,
+                             "maxWorkers": workers, "batchSize": batch_size, "maxBatchDelay": max_batch_delay_ms,
                              "responseTimeout": 120}}}
     config = workdir / "config.properties"
     config.write_text("\n".join([
@@ -95,7 +96,7 @@ def torchserve_service(env: PeerEnv, model_dir: Path, name: str, workdir: Path, 
         f"model_store={store}",
         f"load_models={name}.mar",
         f"models={json.dumps(models)}",
-        "default_workers_per_model=1",
+        f"default_workers_per_model={workers}",
         "disable_token_authorization=true",
         "install_py_dep_per_model=false",
         # TorchServe otherwise runs a Python metrics collector every minute, CPU the other servers'

@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-queue-delay-us", type=int, default=100, help="dynamic batcher wait for more requests")
+    parser.add_argument("--instances", type=int, default=1, help="model instances (one Python backend stub each)")
     parser.add_argument("--workspace", type=Path, help="PyTriton's workspace (default: a new one in ~/.cache/pytriton)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -83,7 +84,9 @@ def main() -> None:
                           grpc_port=args.port + 1, metrics_address="127.0.0.1", metrics_port=args.port + 2,
                           allow_metrics=False, log_verbose=0)
     with Triton(config=config, workspace=args.workspace) as triton:
-        triton.bind(model_name=args.name, infer_func=make_infer(args.model_dir, args.threads),
+        # A list of callables is PyTriton's way to ask for several model instances.
+        infer = [make_infer(args.model_dir, args.threads) for _ in range(args.instances)]
+        triton.bind(model_name=args.name, infer_func=infer if args.instances > 1 else infer[0],
                     inputs=[Tensor(name="image", dtype=np.uint8, shape=(28, 28))],
                     outputs=[Tensor(name="probabilities", dtype=np.float32, shape=(10,))],
                     config=ModelConfig(max_batch_size=args.max_batch,
