@@ -93,9 +93,10 @@ class Series:
 
 
 def pick(records: list[Record], benchmark: str, wanted: Callable[[dict[str, Any]], bool],
-         previous: bool = False) -> Series | None:
+         previous: bool = False, at_commit: str | None = None) -> Series | None:
     """The series a table shows: the newest with ≥ 3 invocations, else the newest there is (or None).
-    ``previous``: the complete series before that one (a table of "before" beside "after"), or None."""
+    ``previous``: the complete series before that one (a table of "before" beside "after"), or None.
+    ``at_commit``: the series recorded at that commit (a fixed "before" that later series do not push out)."""
     groups: dict[tuple[str, str], list[Record]] = {}
     for record in records:
         if record.get("benchmark") != benchmark:
@@ -104,6 +105,8 @@ def pick(records: list[Record], benchmark: str, wanted: Callable[[dict[str, Any]
             if not wanted(record.get("config", {})):
                 continue
         except (KeyError, TypeError, ValueError):
+            continue
+        if at_commit and not record["commit"].startswith(at_commit):
             continue
         groups.setdefault((record["series"], record["commit"]), []).append(record)
     if not groups:
@@ -221,7 +224,12 @@ class Variant:
     command: str
     wanted: Callable[[dict[str, Any]], bool]
     previous: bool = False  # the complete series before the newest one
+    at_commit: str | None = None  # the series at this commit
 
+
+# The last commit before the front-door redesign (issue "One front door"): its series stay in the docs as
+# the "before" of that redesign, however many series come after.
+BEFORE_REDESIGN = "d0f88eb"
 
 HTTP_W1 = Variant("http-bench", "HTTP served vs bare, one worker",
                   "python loadtests/http_bench.py --rounds 2 --duration 12 --threads 1",
@@ -265,7 +273,11 @@ POEM_ENGINE = Variant("poem-throughput", "the poem engine in process, 16 poems",
                       "python loadtests/poem_throughput.py --rounds 3 --streams 16", lambda c: c["streams"] == 16)
 OVERLOAD = Variant("overload", "overload",
                    "python loadtests/overload.py --duration 12 --env DLBOOK_ORT_INTRA_THREADS=1",
-                   lambda c: workers(c) == 1)
+                   lambda c: workers(c) == 1 and "DLBOOK_MAX_IN_FLIGHT" not in env_of(c))
+OVERLOAD_32 = Variant("overload", "overload, 32 requests in flight",
+                      "python loadtests/overload.py --duration 12 --env DLBOOK_ORT_INTRA_THREADS=1 "
+                      "DLBOOK_MAX_IN_FLIGHT=32",
+                      lambda c: workers(c) == 1 and env_of(c).get("DLBOOK_MAX_IN_FLIGHT") == "32")
 FLOOR = Variant("http-floor", "the CPU floors", "python loadtests/http_floor.py --rounds 2 --duration 10",
                 lambda c: True)
 RUNTIME = Variant("runtime", "in-process runtimes", "python loadtests/runtime_bench.py --rounds 3",
@@ -280,12 +292,13 @@ class Picked:
 
     def __init__(self, records: list[Record]) -> None:
         self.records = records
-        self._cache: dict[tuple[str, str, str, bool], Series | None] = {}
+        self._cache: dict[tuple[str, str, str, bool, str | None], Series | None] = {}
 
     def __call__(self, variant: Variant) -> Series | None:
-        key = (variant.benchmark, variant.command, variant.what, variant.previous)
+        key = (variant.benchmark, variant.command, variant.what, variant.previous, variant.at_commit)
         if key not in self._cache:
-            self._cache[key] = pick(self.records, variant.benchmark, variant.wanted, variant.previous)
+            self._cache[key] = pick(self.records, variant.benchmark, variant.wanted, variant.previous,
+                                    variant.at_commit)
         return self._cache[key]
 
     def complete(self, variant: Variant) -> Series | None:
@@ -796,10 +809,13 @@ def sections(records: list[Record]) -> dict[str, dict[str, str]]:
             "http-bench": section_http(picked, HTTP_W1),
             "http-bench-previous": section_http(picked, dataclasses.replace(HTTP_W1, previous=True)),
             "poem-http-previous": section_poems(picked, dataclasses.replace(POEMS, previous=True)),
+            "http-bench-before-redesign": section_http(picked, dataclasses.replace(HTTP_W1, at_commit=BEFORE_REDESIGN)),
+            "poem-http-before-redesign": section_poems(picked, dataclasses.replace(POEMS, at_commit=BEFORE_REDESIGN)),
             "poem-http-sound": section_poems(picked, POEMS_SOUND),
             "overload-previous": section_overload(picked, dataclasses.replace(OVERLOAD, previous=True)),
             "http-bench-w2": section_http(picked, HTTP_W2),
             "overload": section_overload(picked),
+            "overload-in-flight-32": section_overload(picked, OVERLOAD_32),
             "poem-http": section_poems(picked),
             "poem-throughput": section_poem_engine(picked),
             "runtime": section_runtime(picked),

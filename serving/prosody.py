@@ -110,6 +110,9 @@ class SoundTable:
         self.sizes = self.member.sum(axis=1)
         self._tone_masks = {tone: (self.classes & tone) != 0 for tone in (LEVEL, OBLIQUE)}
         self._union_masks: dict[frozenset[int], np.ndarray] = {}
+        # A tone-only slot's mask, by (line width, tones mode, line, position, open combinations): asked
+        # for on every sampled slot of every constrained poem, and the same for every poem of a shape.
+        self.slot_masks: dict[tuple, np.ndarray | None] = {}
         self._index = index
 
     @classmethod
@@ -235,6 +238,7 @@ class PoemProsody:
                                + "; ".join(dict.fromkeys(reasons)) + "; use tones loose or off, or change them")
         # Forced characters are spoken for: none of them is sampled again at another rhyme slot.
         self.reserved = set(self.forced_rhymes.values())
+        self.free_rhyme_slots = [s for s in range(len(self.plan)) if self._is_rhyme_slot(s) and self.plan[s] is None]
 
     # ---- where a slot stands ------------------------------------------------------------------------------------
 
@@ -291,8 +295,7 @@ class PoemProsody:
 
     def _rhyme_mask(self, slot: int) -> np.ndarray:
         """Characters in a candidate group that still has a character for every rhyme slot left."""
-        later_free = sum(1 for s in range(slot + 1, len(self.plan))
-                         if self._is_rhyme_slot(s) and self.plan[s] is None)
+        later_free = sum(1 for s in self.free_rhyme_slots if s > slot)
         spoken = self.used | self.reserved
         spoken_ids = np.fromiter(spoken, dtype=np.int64, count=len(spoken))
         viable = [g for g in sorted(self.groups)
@@ -311,8 +314,12 @@ class PoemProsody:
             return None
         line, pos = lp
         if not (self.rhyming and pos == self.width - 2):  # no combination can make this slot a rhyme
-            needs = {self._need(line, pos, combo) for combo in self.combos}
-            return None if None in needs else self.table.tones_mask(frozenset(needs))  # type: ignore[arg-type]
+            key = (self.width, self.spec.tones, line, pos, frozenset(self.combos))
+            shared = self.table.slot_masks
+            if key not in shared:  # the same for every poem of this shape: worked out once per table
+                needs = {self._need(line, pos, combo) for combo in self.combos}
+                shared[key] = None if None in needs else self.table.tones_mask(frozenset(needs))  # type: ignore[arg-type]
+            return shared[key]
         out: np.ndarray | None = None
         rhyme: np.ndarray | None = None
         for combo in self.combos:
@@ -332,6 +339,8 @@ class PoemProsody:
         if lp is None:
             return
         line, pos = lp
+        if len(self.combos) == 1 and not (self.rhyming and pos == self.width - 2):
+            return  # nothing to narrow: one pattern is left, and the character came through its mask
         fits = {c for c in self.combos if self._misfit(slot, token, c) is None}
         if fits:  # a forced character was checked at the start; a sampled one came through the mask
             self.combos = fits
@@ -352,6 +361,8 @@ def constrain(logits: np.ndarray, masks: Sequence[np.ndarray | None]) -> np.ndar
     rows = [i for i, m in enumerate(masks) if m is not None]
     if not rows:
         return logits
+    if len(rows) == len(masks):  # every row constrained (the usual batch): one pass, no gather or scatter
+        return np.where(np.stack(masks), logits, np.float32(-np.inf))  # type: ignore[arg-type]
     out = np.array(logits, dtype=np.float32, copy=True)
     stacked = np.stack([masks[i] for i in rows])  # type: ignore[misc]
     out[rows] = np.where(stacked, out[rows], np.float32(-np.inf))
