@@ -159,8 +159,9 @@ class Settings:
         "character at once; 0 writes every character on its own")
     # load and workers
     max_in_flight: int = _setting(
-        "DLBOOK_MAX_IN_FLIGHT", 64, _int, "API requests one worker executes at once; the next ones wait for a "
-        "slot in arrival order (serving/admission.py; 0: no limit)")
+        "DLBOOK_MAX_IN_FLIGHT", 32, _int, "API requests one worker executes at once; the next ones wait for a "
+        "slot (serving/admission.py; 0: no limit). One worker peaks by 32; more only queue inside it, where "
+        "the admission order cannot reach (docs/PERFORMANCE.md, overload)")
     max_waiting: int = _setting(
         "DLBOOK_MAX_WAITING", 1024, _int, "API requests that may wait for a slot; one more is answered at once "
         "with 503 and `Retry-After: 1`, counted in `dlbook_shed_total` (0: refuse instead of waiting)")

@@ -27,7 +27,7 @@ def test_defaults_are_the_documented_ones() -> None:
         None, "auto", None, 0, False, "all")
     assert (s.max_body_bytes, s.max_images, s.max_records, s.max_poems) == (12 * 1024 * 1024, 64, 1000, 8)
     assert (s.generation_timeout_s, s.request_timeout_s, s.max_batch, s.max_poem_batch) == (30.0, 60.0, 256, 64)
-    assert (s.inline_rows, s.stream_flush_ms, s.max_in_flight, s.max_queue_ms, s.workers) == (16, 20.0, 64, 100.0, 1)
+    assert (s.inline_rows, s.stream_flush_ms, s.max_in_flight, s.max_queue_ms, s.workers) == (16, 20.0, 32, 100.0, 1)
     assert (s.direct_routes, s.log_level, s.bentoml_access_log, s.bentoml_metrics, s.tracing) == (
         True, "INFO", False, False, False)
     assert s.models_for("image") is None and s.default_model("image", "fashion-lenet") == "fashion-lenet"
