@@ -369,6 +369,14 @@ def section_targets(picked: Picked) -> str:
         missing(POEMS, "poems, 16 streams ≥ 0.7× the in-process ceiling", "poems, ≥ 3× sequential",
                 "poems, ≥ 4,000 characters/s")
 
+    sound = picked.complete(POEMS_SOUND)
+    if sound:
+        held = sound.values(lambda r: r["median"]["sustained_sse"] / r["median"]["ceiling"])
+        rows.append(["poems rhyming with strict tones, 16 SSE streams ≥ 0.7× the (unconstrained) in-process ceiling",
+                     spread(held), _met(held, 0.7)])
+    else:
+        missing(POEMS_SOUND, "poems rhyming with strict tones, 16 SSE streams ≥ 0.7× the in-process ceiling")
+
     over = picked.complete(OVERLOAD)
     if over:
         passed = over.values(lambda r: 1.0 if r["passed"] else 0.0)

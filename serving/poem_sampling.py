@@ -239,7 +239,8 @@ def _draw(weights: np.ndarray, thresholds: np.ndarray, uniforms: np.ndarray) -> 
 
 
 def sample_rows(logits: np.ndarray, allowed_ids: np.ndarray, histories: list[list[int]],
-                params: list[SamplingParams], rngs: list[np.random.Generator]) -> np.ndarray:
+                params: list[SamplingParams], rngs: list[np.random.Generator],
+                bias: np.ndarray | None = None) -> np.ndarray:
     """One character id per row of ``logits [B, V]``: mask → penalty → top-k → temperature → top-p → draw.
 
     All rows go through each stage together as one ``[B, V]`` float32 array, so sixteen poems cost
@@ -249,11 +250,14 @@ def sample_rows(logits: np.ndarray, allowed_ids: np.ndarray, histories: list[lis
     float64 through exp and partition. Weights are left unnormalised (top-p compares against each
     row's total), which saves a pass.
 
+    ``bias`` (``[B, V]``, 0 or -inf), when given, replaces the allowed characters' bias row by row: the
+    rhyme and tone constraints of ``serving.prosody`` come in through it, in the same pass.
+
     A row with temperature 0 is greedy: it takes the largest allowed score after the repetition
     penalty (the argmax path; top-k and top-p cannot change it) and draws no random number, so its
     poem is the same for every seed.
     """
-    x = np.add(logits, _mask_bias(allowed_ids, logits.shape[1]), dtype=np.float32)
+    x = np.add(logits, _mask_bias(allowed_ids, logits.shape[1]) if bias is None else bias, dtype=np.float32)
     _penalise(x, histories, np.array([p.repetition_penalty for p in params]))
     greedy = np.array([p.temperature == 0 for p in params])
     if greedy.all():
@@ -341,21 +345,23 @@ def advance_all(samplers: list[PoemSampler], logits: np.ndarray) -> list[str]:
     """Advance every sampler by one slot from its row of ``logits [B, V]``; the rows that must be
     sampled are sampled together (:func:`sample_rows`), forced slots just take their token.
 
-    Rows with a constraint have the characters it forbids set to -inf first, all such rows in one
-    ``where`` (their masks stacked into a per-row array); then every constraint hears the token its
-    slot got, forced or sampled. Rows without one cost nothing more: no copy of the logits is made
-    when no free row is constrained."""
+    Rows with a constraint get the characters it forbids as -inf in their own bias row, added to the
+    logits in the pass that adds the allowed characters' bias anyway (``serving.prosody.row_biases``);
+    then every constraint hears the token its slot got, forced or sampled. Rows without one cost
+    nothing more: with no constrained row, the one shared bias is added as before."""
     free = [i for i, s in enumerate(samplers) if s.forced is None]
     chosen: dict[int, int] = {}
     if free:
         rows = logits[free]
         masks = [None if (c := samplers[i].constraint) is None else c.mask(len(samplers[i].tokens)) for i in free]
+        allowed = samplers[free[0]].allowed_ids
+        bias = None
         if any(m is not None for m in masks):
-            from serving.prosody import constrain  # here: serving.prosody imports this module
+            from serving.prosody import row_biases  # here: serving.prosody imports this module
 
-            rows = constrain(rows, masks)
-        picked = sample_rows(rows, samplers[free[0]].allowed_ids, [samplers[i].tokens for i in free],
-                             [samplers[i].params for i in free], [samplers[i].rng for i in free])
+            bias = row_biases(masks, allowed, rows.shape[1])
+        picked = sample_rows(rows, allowed, [samplers[i].tokens for i in free],
+                             [samplers[i].params for i in free], [samplers[i].rng for i in free], bias)
         chosen = dict(zip(free, picked.tolist(), strict=True))
     out = []
     for i, s in enumerate(samplers):

@@ -355,6 +355,36 @@ class PoemProsody:
             self.reserved.discard(token)
 
 
+_ROW_BIASES: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def row_biases(masks: Sequence[np.ndarray | None], allowed_ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """``[B, V]`` float32: per row 0 where the slot may take the character (allowed by the vocabulary and
+    by the row's mask, None: by the vocabulary alone) and -inf elsewhere, for ``sample_rows`` to add
+    to the logits in its first pass. A mask's bias row is kept while the mask lives: tone masks are
+    shared read-only arrays asked for on every step, so most rows cost one lookup and the stack.
+    Measured in process with 16 constrained poems (``loadtests/poem_throughput.py``'s step loop): the
+    separate ``where`` over the logits this replaces cost a fifth of the prosody's time per step."""
+    out = np.empty((len(masks), vocab_size), dtype=np.float32)
+    for r, mask in enumerate(masks):
+        key = (id(mask), id(allowed_ids))
+        hit = _ROW_BIASES.get(key)
+        if hit is None or hit[0] is not mask or hit[1] is not allowed_ids:
+            keep = np.zeros(vocab_size, dtype=bool)
+            keep[allowed_ids] = True
+            if mask is not None:
+                keep &= mask
+            bias = np.where(keep, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
+            if mask is None or not mask.flags.writeable:  # shared, read-only masks only: a fresh one dies
+                if len(_ROW_BIASES) >= 256:
+                    _ROW_BIASES.clear()
+                _ROW_BIASES[key] = (mask, allowed_ids, bias)  # type: ignore[assignment]
+            out[r] = bias
+        else:
+            out[r] = hit[2]
+    return out
+
+
 def constrain(logits: np.ndarray, masks: Sequence[np.ndarray | None]) -> np.ndarray:
     """``logits [B, V]`` with -inf wherever a row's mask forbids (rows with None untouched): one
     ``where`` over the constrained rows together. Returns ``logits`` itself when no row has a mask."""

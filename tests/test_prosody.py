@@ -373,3 +373,19 @@ def test_the_decoding_process_builds_each_poems_constraint_from_its_message(meta
     StepLoop(None, vocab, 1, 4, 8, bare.append)._apply(  # type: ignore[arg-type]
         AddPoem(3, plan, SamplingParams(), 3, form, ProsodySpec("auto", "off")))
     assert bare == [StepFailed((3,), "LookupError")] and not sent
+
+
+def test_row_biases_forbid_exactly_what_the_mask_and_the_vocabulary_forbid() -> None:
+    from serving.poem_sampling import _mask_bias
+    from serving.prosody import row_biases
+
+    rng = np.random.default_rng(0)
+    allowed = np.array([1, 2, 4, 5])
+    shared = np.array([True, False, True, True, False, True])
+    shared.flags.writeable = False
+    fresh = np.array([False, True, False, False, True, True])
+    logits = rng.normal(size=(3, 6)).astype(np.float32)
+    bias = row_biases([shared, None, fresh], allowed, 6)
+    expected = constrain(logits, [shared, None, fresh]) + _mask_bias(allowed, 6)
+    assert np.array_equal(logits + bias, expected)
+    assert row_biases([shared, None, fresh], allowed, 6).tolist() == bias.tolist()  # cached rows give the same
