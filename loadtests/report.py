@@ -789,7 +789,7 @@ def readme_block(picked: Picked) -> str:
                      f"or a 503 with `Retry-After`, no timeouts; at {most} connections the worker still answered "
                      f"{spread(goodput)} its throughput at 32{extra}; a polite client (one request at a time, "
                      f"honouring `Retry-After`) got {spread(polite, 'share')} of its requests through; slowest "
-                     f"answer {spread(top, 'ms0')} ms ({over.n} invocations).")
+                     f"answer of any status {spread(top, 'ms0')} ms ({over.n} invocations).")
     else:
         lines.append("- **Overload**: no median yet (fewer than 3 recorded invocations).")
     soak = picked.complete(SOAK)
