@@ -112,8 +112,10 @@ def test_a_failed_step_hands_over_the_characters_before_it_then_fails_the_batch_
         engine_parts) -> None:
     """A real fault inside a decoding step: a plan that forces a token id the vocabulary does not
     have at slot 10 makes the step that writes it raise (IndexError). That poem gets the nine
-    characters before it, the other poem of the batch what it had (it may have joined a step
-    later), then both get "generation failed"; the next poem is written whole."""
+    characters before it, then "generation failed". The other poem is enrolled by its own request, so
+    on a busy machine it may reach the decoder after that step: either it shared the failing step
+    (then it gets what it had, then "generation failed") or it is written whole; it is never lost.
+    The next poem is written whole."""
     engine, vocab = engine_parts
     broken, healthy = _samplers(vocab, 2, seed=11)
     broken.plan = list(broken.plan)
@@ -133,8 +135,12 @@ def test_a_failed_step_hands_over_the_characters_before_it_then_fails_the_batch_
         return errors, await engine.generate(_samplers(vocab, 1, seed=12)[0])
 
     errors, after = asyncio.run(asyncio.wait_for(run(), timeout=60))
-    assert all(isinstance(e, RuntimeError) and "generation failed: IndexError" in str(e) for e in errors), errors
-    assert len(received[0]) == 9 and len(received[1]) <= 9
+    assert isinstance(errors[0], RuntimeError) and "generation failed: IndexError" in str(errors[0]), errors
+    assert len(received[0]) == 9
+    if errors[1] is None:  # it joined after the failing step
+        assert len(received[1]) == 64
+    else:
+        assert "generation failed: IndexError" in str(errors[1]) and len(received[1]) <= 9, errors
     assert len(after) == 64
 
 
