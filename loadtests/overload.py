@@ -157,23 +157,6 @@ def measured_refusal_cost(request: Any, env: dict[str, str], served_ms: float, d
             "server_cpu_s_per_s": cpu / result.duration_s, "method": "measured"}
 
 
-def refusal_cost(rows: list[dict]) -> dict[str, float] | None:
-    """The server CPU of one refusal against one served request, estimated from the levels.
-
-    A level without refusals gives the CPU of a served request (the busiest such level: its batches are
-    as large as under overload); at each level with refusals, what the server spent beyond its served
-    requests, divided by its refusals, is what one refusal cost. None when no level refused enough to
-    tell (fewer than 100 refusals a second)."""
-    served = [r for r in rows if r["shed_per_s"] == 0 and r["ok_per_s"] > 0]
-    refused = [r for r in rows if r["shed_per_s"] >= 100]
-    if not served or not refused:
-        return None
-    served_ms = served[-1]["server_cpu_ms_per_answer"]
-    per_level = [max(0.0, 1e3 * r["server_cpu_s_per_s"] - served_ms * r["ok_per_s"]) / r["shed_per_s"] for r in refused]
-    refusal_ms = sorted(per_level)[len(per_level) // 2]
-    return {"served_ms": served_ms, "refusal_ms": refusal_ms, "ratio": refusal_ms / served_ms}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=20.0)
