@@ -11,8 +11,9 @@ it a polite probe client sends one request at a time (every 20 ms, and after a 5
 ``Retry-After`` says) and times accepted (200) answers on its own. Reported per level: answered and shed
 per second, wrk's latency over all answers, the probe's p50/p99 of accepted answers and its share of
 requests accepted, and the CPU the server and wrk used (cores busy: wrk shares the machine's cores, so
-its share is what the server could not have), with the server CPU per answer; from those, the
-estimated CPU of one refusal against one served request (:func:`refusal_cost`). The run fails (exit 1)
+its share is what the server could not have), with the server CPU per answer, and the accepted
+requests' p50/p99 from the server's histogram; then one refusal's CPU, measured on a second server
+that refuses nearly everything (:func:`measured_refusal_cost`). The run fails (exit 1)
 on any answer other than 200 or 503, any socket error or timeout, or a 503 without ``Retry-After``. Each
 invocation writes its record to ``docs/bench/`` (``--record-dir``; see :mod:`loadtests.records`), a failed one too.
 """
