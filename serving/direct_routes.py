@@ -32,8 +32,10 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
+from serving import pixel_json
 from serving.errors import validation_sentence
 from serving.multipart_form import FormPart
+from serving.pixel_json import PixelDecoder
 from serving.routes import JSON_TYPES, MULTIPART_TYPES, Route
 
 logger = logging.getLogger("dlbook.serving")
@@ -47,17 +49,21 @@ class DirectRoute:
 
     ``upload_field`` names the form field that carries files on a multipart route (its value
     reaches ``answer`` as a list of bytes); a route without one takes JSON bodies. ``endpoint``: the
-    name the handler's refusals are counted under (``Route.endpoint``).
+    name the handler's refusals are counted under (``Route.endpoint``). ``fast_decode``: a decoder for
+    the usual form of a JSON body (``serving.pixel_json``) tried before ``spec``; it answers ``None``
+    for anything else, which ``spec`` then validates.
     """
 
     spec: type[BaseModel]
     answer: Answer
     upload_field: str | None = None
     endpoint: str = ""
+    fast_decode: PixelDecoder | None = None
 
     @classmethod
     def for_route(cls, route: Route, spec: type[BaseModel], answer: Answer) -> DirectRoute:
-        return cls(spec, answer, route.upload_field, route.endpoint)
+        fast_decode = pixel_json.decoder_for(spec) if route.pixel_json else None
+        return cls(spec, answer, route.upload_field, route.endpoint, fast_decode)
 
     def takes(self, content_type: bytes) -> bool:
         media = content_type.split(b";", 1)[0].strip().lower()
@@ -100,6 +106,8 @@ def arguments(route: DirectRoute, body: bytes, form: list[FormPart] | None) -> d
     root input, see ``serving.request_models``), that model under ``REQUEST``."""
     try:
         if route.upload_field is None:
+            if route.fast_decode is not None and (fast := route.fast_decode(body)) is not None:
+                return fast
             validated = route.spec.model_validate_json(body)
             if getattr(route.spec, "__root_input__", False):
                 return {REQUEST: validated}

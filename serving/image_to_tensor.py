@@ -904,6 +904,8 @@ def _numbers_from_array(array: np.ndarray) -> np.ndarray:
     if array.shape not in ((FRAME, FRAME), (FRAME * FRAME,)):
         raise ImageInputError(f"expected shape [{FRAME}, {FRAME}] or [{FRAME * FRAME}], got {list(array.shape)}; "
                               + _SHAPE_HINT)
+    if array.dtype.kind == "i":  # whole numbers (the fast JSON path hands int64 arrays): the int path below
+        return array.ravel()
     return array.astype(np.float64).ravel()
 
 

@@ -31,7 +31,8 @@ class Route:
     none). ``fast``: once the worker has loaded its models the request guard answers it itself,
     calling ``fast_handler`` (default: ``handler`` undecorated); a multipart route's
     ``upload_field`` names the form field whose files reach that method as bytes, and
-    ``form_fields`` every field its form may hold.
+    ``form_fields`` every field its form may hold. ``pixel_json``: the usual form of its JSON body
+    (28×28 whole numbers) is decoded by ``serving.pixel_json`` before the pydantic model sees it.
     """
 
     path: str
@@ -41,6 +42,7 @@ class Route:
     upload_field: str | None = None
     form_fields: frozenset[str] = frozenset()
     fast_handler: str | None = None
+    pixel_json: bool = False
 
     @property
     def endpoint(self) -> str:
@@ -59,7 +61,7 @@ class Route:
 ROUTES: tuple[Route, ...] = (
     Route("/classify", "classify", "image", fast=True, upload_field="images",
           form_fields=frozenset({"images", "model", "top_k", "return_frame"}), fast_handler="classify_uploads"),
-    Route("/classify_pixels", "classify_pixels", "image", fast=True),
+    Route("/classify_pixels", "classify_pixels", "image", fast=True, pixel_json=True),
     Route("/predict_price", "predict_price", "price", fast=True),
     Route("/generate_poem", "generate_poem", "poem", fast=True),
     Route("/generate_poem_stream", "generate_poem_stream", "poem", fast=True),

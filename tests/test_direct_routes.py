@@ -140,6 +140,11 @@ def _requests() -> list[tuple[str, dict]]:
         ("/classify_pixels", {"json": {"images": pixels, "top_k": "x"}}),
         ("/classify_pixels", {"json": {"images": pixels[:1], "model": "nope"}}),
         ("/classify_pixels", {"json": {"top_k": 2}}),
+        # the fast decoder's usual form with a value out of range, and bodies it leaves to pydantic
+        ("/classify_pixels", {"json": {"images": [[[300] * 28] * 28]}}),
+        ("/classify_pixels", {"json": {"images": [[[True] * 28] * 28]}}),
+        ("/classify_pixels", {"json": {"images": pixels[:1], "colour": "red"}}),
+        ("/classify_pixels", {"json": {"images": [[[v / 255 for v in row] for row in pixels[0]]]}}),
         ("/classify_pixels", {"content": b'{"images": [[', "headers": {"content-type": "application/json"}}),
         ("/classify", {"files": [png, ("images", ("b.png", _png(1), "image/png"))],
                        "data": {"top_k": "4", "return_frame": "true"}}),
