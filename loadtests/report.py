@@ -261,10 +261,18 @@ PEERS_TS1 = Variant("peers", "TorchServe without its batcher, ours with two work
 PEERS_DEFAULTS = Variant("peers", "every server at its own default instance count on this 2-core machine",
                          "python loadtests/peers/bench_peers.py --rounds 2 --duration 12 --threads 1 "
                          "--peer-instances 2 --torchserve-batch-size 1", _peers(1, 1, instances=2))
+PEERS_DEFAULTS_W2 = Variant("peers", "every server at its own default instance count, ours with two workers",
+                            "python loadtests/peers/bench_peers.py --rounds 2 --duration 12 --threads 1 "
+                            "--peer-instances 2 --torchserve-batch-size 1 --env DLBOOK_WORKERS=2",
+                            _peers(2, 1, instances=2))
 POEMS = Variant("poem-http", "poems over HTTP, 16 streams",
                 "python loadtests/poem_http_bench.py --rounds 2 --streams 16",
                 lambda c: c["streams"] == 16 and c.get("client", "lean") == "lean" and workers(c) == 1
                 and c.get("rhyme", "off") == "off" and c.get("tones", "off") == "off")
+POEMS_W2 = Variant("poem-http", "poems over HTTP, 16 streams, two workers",
+                   "python loadtests/poem_http_bench.py --rounds 2 --streams 16 --env DLBOOK_WORKERS=2",
+                   lambda c: c["streams"] == 16 and c.get("client", "lean") == "lean" and workers(c) == 2
+                   and c.get("rhyme", "off") == "off" and c.get("tones", "off") == "off")
 POEMS_SOUND = Variant("poem-http", "poems over HTTP, 16 streams, every poem rhyming with strict tones",
                       "python loadtests/poem_http_bench.py --rounds 2 --streams 16 --rhyme auto --tones strict",
                       lambda c: c["streams"] == 16 and c.get("client", "lean") == "lean" and workers(c) == 1
@@ -833,6 +841,8 @@ def sections(records: list[Record]) -> dict[str, dict[str, str]]:
             "peers-w2": section_peers(picked, PEERS_W2),
             "peers-torchserve-b1": section_peers(picked, PEERS_TS1),
             "peers-defaults": section_peers(picked, PEERS_DEFAULTS),
+            "peers-defaults-w2": section_peers(picked, PEERS_DEFAULTS_W2),
+            "poem-http-w2": section_poems(picked, POEMS_W2),
             "peer-versions": section_peer_versions(picked),
             "http-floor": section_floor(picked),
         },

@@ -178,7 +178,8 @@ class Settings:
         "(serving/admission.py; 0: never)")
     workers: int | str = _setting(
         "DLBOOK_WORKERS", 1, _workers, "worker processes per service, a number or `cpu_count`; each loads its own "
-        "models and batches its own requests")
+        "models and batches its own requests. 1: poems lose with more on 2 cores; `cpu_count` for a service "
+        "of images or prices only (docs/PERFORMANCE.md, How many workers)")
     direct_routes: bool = _setting(
         "DLBOOK_DIRECT_ROUTES", True, _not_off, "0 sends every request through BentoML's request path instead of "
         "answering the API routes from our request guard (docs/PERFORMANCE.md)", shown="1")

@@ -74,3 +74,12 @@ def test_a_model_with_a_field_it_cannot_decode_exactly_gets_no_fast_path() -> No
         top_k: int = 3
 
     assert decoder_for(Bounded) is None and decoder_for(Floating) is None and decoder_for(NoImages) is None
+
+
+def test_a_key_given_twice_counts_once_as_in_pydantic() -> None:
+    first, last = json.dumps([[1] * 28] * 28), json.dumps([[2] * 28] * 28)
+    raw = f'{{"images": [{first}], "top_k": 1, "images": [{last}], "top_k": 4}}'.encode()
+    fast, slow = decoder_for(_PixelArgs)(raw), _PixelArgs.model_validate_json(raw)
+    assert fast is not None
+    assert fast["top_k"] == slow.top_k == 4
+    assert np.array_equal(fast["images"][0], np.array(slow.images[0]))
