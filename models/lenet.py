@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.conditioning import InputConditioning
 from models.init import initialise
 
 _ACT = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
@@ -28,6 +29,8 @@ class LeNetConfig:
     batch_norm: bool = True
     dropout: float = 0.3
     init: str = "default"
+    # Per-image input conditioning, the model's first layer (models/conditioning.py): none, stretch, background.
+    conditioning: str = "none"
 
 
 class LeNet(nn.Module):
@@ -46,6 +49,9 @@ class LeNet(nn.Module):
             return [*block, act(), pool(kernel_size=2, stride=2)]
 
         # 28×28 → conv(pad 2) 28 → pool 14 → conv 10 → pool 5: the flatten size is c2·5·5.
+        # Outside ``features``: it has no weights, and the checkpoints' layer numbering stays as it was. None for
+        # "none", so an unconditioned model (the books' presets) is exactly the network it always was.
+        self.conditioning = InputConditioning(config.conditioning) if config.conditioning != "none" else None
         self.features = nn.Sequential(*conv_block(1, c1, 2), *conv_block(c1, c2, 0), nn.Flatten())
         f1, f2 = config.fc
         head: list[nn.Module] = [nn.Linear(c2 * 5 * 5, f1), act()]
@@ -60,4 +66,6 @@ class LeNet(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """``image [B, 1, 28, 28]`` → logits ``[B, num_classes]``."""
+        if self.conditioning is not None:
+            image = self.conditioning(image)
         return self.classifier(self.features(image))

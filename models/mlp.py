@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.conditioning import InputConditioning
 from models.init import initialise
 
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "leaky_relu": lambda: nn.LeakyReLU(0.1)}
@@ -28,6 +29,8 @@ class MLPConfig:
     dropout: tuple[float, ...] = (0.3, 0.3)
     batch_norm: bool = False
     init: str = "default"
+    # Per-image input conditioning, the model's first layer (models/conditioning.py): none, stretch, background.
+    conditioning: str = "none"
 
 
 class ImageMLP(nn.Module):
@@ -36,6 +39,9 @@ class ImageMLP(nn.Module):
         if config.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {config.activation!r}: {sorted(ACTIVATIONS)}")
         self.config = config
+        # Outside ``net``: it has no weights, and the checkpoints' layer numbering stays as it was. None for
+        # "none", so an unconditioned model (the books' presets) is exactly the network it always was.
+        self.conditioning = InputConditioning(config.conditioning) if config.conditioning != "none" else None
         layers: list[nn.Module] = [nn.Flatten()]
         width = config.in_features
         for i, size in enumerate(config.hidden):
@@ -53,4 +59,6 @@ class ImageMLP(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """``image [B, 1, 28, 28]`` (or ``[B, 784]``) → logits ``[B, num_classes]``."""
+        if self.conditioning is not None:
+            image = self.conditioning(image)
         return self.net(image)

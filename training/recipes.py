@@ -42,7 +42,9 @@ class Recipe:
     scaling: PixelScaling | None = None
     patience: int | None = None  # early stopping on the validation metric; None trains every epoch
     max_steps: int | None = None  # stop after this many optimiser steps (the 尚硅谷 TwoLayerNet recipe)
-    augment: str = "none"  # none | shift | shift_flip | robust  (images; training/tasks/image.py AUGMENTATIONS)
+    augment: str = "none"  # none | shift | shift_flip | robust | robust_light (images; tasks/image.py AUGMENTATIONS)
+    # images: data set → the model's input conditioning (models/conditioning.py); a data set not named: none
+    conditioning: dict[str, str] = field(default_factory=dict)
     # The quick profile's budget where this recipe needs another than its task's (training/train.py QUICK):
     # "limit" and "epochs", and any other key replaces that field of the recipe for the quick profile
     quick: dict[str, Any] = field(default_factory=dict)
@@ -136,7 +138,8 @@ _add(Recipe(
     "mlp", "default", "image", ("mnist", "fashion-mnist"),
     MLPConfig(hidden=(1024, 512), dropout=(0.3, 0.3), batch_norm=True),
     (Phase(30, "adamw", 1e-3, weight_decay=1e-4, schedule="cosine"),), 128, "ours",
-    patience=8, augment="robust", label_smoothing=0.05,
+    patience=8, augment="robust_light", label_smoothing=0.05,
+    conditioning={"mnist": "background", "fashion-mnist": "stretch"},
     notes="784-1024-512-10 BN-ReLU-dropout, Normalize fitted on train, AdamW + cosine; augmented on the fly "
           "(rotation, scale, shear, shift, elastic, stroke thickness, blur, noise; flips for clothes).",
 ))
@@ -153,6 +156,7 @@ _add(Recipe(
     LeNetConfig(),
     (Phase(30, "adamw", 2e-3, weight_decay=5e-4, schedule="cosine"),), 128, "ours",
     patience=8, augment="robust", label_smoothing=0.05, quick={"limit": None, "epochs": 4},
+    conditioning={"mnist": "background", "fashion-mnist": "stretch"},
     notes="LeNet shape with 32/64 channels, BatchNorm, ReLU, MaxPool, dropout 0.3; AdamW + cosine; "
           "augmented on the fly (rotation, scale, shear, shift, elastic, stroke thickness, blur, noise; "
           "horizontal flips for clothes only). Quick profile: every training image, 4 epochs.",

@@ -96,7 +96,7 @@ def build_task(recipe: Recipe, dataset: str, limit: int | None, device: torch.de
         en, zh = LABELS[dataset]
         meta = {"input": "image", "scaling": scaling.to_dict(), "labels": en, "labels_zh": zh,
                 "image_size": [28, 28], "foreground": "light-on-dark"}
-        return task, recipe.config, meta
+        return task, replace(recipe.config, conditioning=recipe.conditioning.get(dataset, "none")), meta
     if recipe.task == "price":
         task = PriceTask(load_house_train(), recipe.batch_size, device, recipe.log_skewed,
                          recipe.drop_outliers, limit)

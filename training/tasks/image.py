@@ -69,6 +69,17 @@ class Augmentation:
     different hand), shifted (centre of mass of a noisy crop), drawn with another pen (thinner or thicker
     strokes), blurred (focus, JPEG) and noisy (sensor grain that survives the threshold). Elastic
     distortion (Simard et al., 2003) is the classic MNIST augmentation for handwriting that is not NIST's.
+
+    For frames that reach the model by other roads than a good photo (a JSON array from another program, a
+    scan), the digits' preset adds what MNIST-C (``training/corruptions.py``) showed the model had never
+    seen, each as a generic change rather than a copy of a corruption: pixels moved by up to a pixel on
+    their own (``jitter_p``: frosted glass, ink bleed), hollow strokes (``outline_p``) and an uneven grey
+    background (``background_p``), with wider rotation, shift and blur. Measured on the quick profile
+    (4 epochs, 500 test images per MNIST-C corruption, with the ``background`` input conditioning of
+    ``models/conditioning.py``): the 15 corruptions' mean went from 72.0% to 87.3% (glass blur 43 → 68%,
+    rotate 84 → 94%, canny edges 70 → 90%), clean test accuracy from 99.30% to 98.74%. Thin random
+    lines across the frame (ruled paper) were tried and dropped: they taught the model to disregard thin
+    lines, and canny-edge digits, which are nothing but thin lines, fell to 35%.
     """
 
     rotation: float = 0.0  # ± degrees
@@ -83,10 +94,14 @@ class Augmentation:
     noise_p: float = 0.0  # probability of Gaussian noise, σ up to noise_sigma (0..1 units)
     noise_sigma: float = 0.0
     flip: bool = False  # horizontal flips (clothes only: a mirrored 2 is not a 2)
+    jitter_p: float = 0.0  # probability of moving every pixel by up to ±1 px on its own (frosted glass, ink bleed)
+    outline_p: float = 0.0  # probability of keeping only the strokes' outlines (hollow letters, edge-like scans)
+    background_p: float = 0.0  # probability of a smooth grey background (uneven light, fog), 0.1–0.5 of white
 
     @property
     def geometric(self) -> bool:
-        return bool(self.rotation or self.shear or self.shift or self.elastic or self.scale != (1.0, 1.0))
+        return bool(self.rotation or self.shear or self.shift or self.elastic or self.jitter_p
+                    or self.scale != (1.0, 1.0))
 
 
 # What a recipe's ``augment`` names, per data set. "shift"/"shift_flip" are the earlier ±2 px policies.
@@ -96,6 +111,16 @@ AUGMENTATIONS: dict[str, dict[str, Augmentation]] = {
     "shift_flip": {"mnist": Augmentation(shift=2), "fashion-mnist": Augmentation(shift=2, flip=True)},
     # The default presets: robust to photographed input (docs/RESULTS.md, robustness section).
     "robust": {
+        "mnist": Augmentation(rotation=30, scale=(0.75, 1.25), shear=15, shift=4, elastic=1.0, elastic_p=0.5,
+                              thickness_p=0.5, blur_p=0.3, blur_sigma=(0.4, 1.2), noise_p=0.3, noise_sigma=0.08,
+                              jitter_p=0.2, outline_p=0.1, background_p=0.2),
+        "fashion-mnist": Augmentation(rotation=10, scale=(0.9, 1.1), shear=6, shift=2, blur_p=0.3,
+                                      noise_p=0.3, noise_sigma=0.06, flip=True),
+    },
+    # The MLP's: the digits' policy before the MNIST-C additions. With the wider one the default MLP's quick
+    # profile (10,000 images, 3 epochs) fell from 94.5% to 91.1% on MNIST's test split and to about 90% on
+    # photographed digits: too much to learn for a network with no convolutions in that budget.
+    "robust_light": {
         "mnist": Augmentation(rotation=15, scale=(0.8, 1.2), shear=12, shift=3, elastic=1.0, elastic_p=0.5,
                               thickness_p=0.5, blur_p=0.3, noise_p=0.3, noise_sigma=0.08),
         "fashion-mnist": Augmentation(rotation=10, scale=(0.9, 1.1), shear=6, shift=2, blur_p=0.3,
@@ -141,6 +166,9 @@ def augment_batch(ink: torch.Tensor, aug: Augmentation, generator: torch.Generat
             field = field * (torch.rand(b, generator=generator) < aug.elastic_p).float()[:, None, None, None]
             field = F.interpolate(field, size=(h, w), mode="bicubic", align_corners=True)
             grid = grid + field.permute(0, 2, 3, 1)
+        if aug.jitter_p:
+            jitter = (torch.rand(b, h, w, 2, generator=generator) * 2 - 1) * (2.0 / w)
+            grid = grid + jitter * (torch.rand(b, generator=generator) < aug.jitter_p).float()[:, None, None, None]
         x = F.grid_sample(x, grid.to(device), mode="bilinear", padding_mode="zeros", align_corners=False)
     if aug.thickness_p:
         pick = torch.rand(b, generator=generator)
@@ -163,10 +191,28 @@ def augment_batch(ink: torch.Tensor, aug: Augmentation, generator: torch.Generat
     if aug.noise_p:
         sigma = _uniform(b, 0.0, aug.noise_sigma, generator) * (torch.rand(b, generator=generator) < aug.noise_p)
         x = x + (torch.randn(b, 1, h, w, generator=generator) * sigma[:, None, None, None]).to(device)
+    if aug.outline_p:
+        on = (torch.rand(b, generator=generator) < aug.outline_p).to(device)[:, None, None, None]
+        outline = F.max_pool2d(x, 3, stride=1, padding=1) + F.max_pool2d(-x, 3, stride=1, padding=1)
+        x = torch.where(on, outline, x)
+    if aug.background_p:
+        x = _grey_background(x, aug.background_p, generator)
     if aug.flip:
         flip = (torch.rand(b, generator=generator) < 0.5).to(device)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return x.clamp(0.0, 1.0)
+
+
+def _grey_background(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """For a fraction ``p`` of the batch, a smooth random grey field (0.1–0.5 of white at its brightest)
+    under the ink, then the whole frame scaled back into 0..1, as light falling unevenly on the paper
+    looks after the photo → frame step inverts it."""
+    b, _, h, w = x.shape
+    coarse = torch.rand(b, 1, 4, 4, generator=generator)
+    field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True).clamp(0.0, 1.0)
+    strength = (0.1 + 0.4 * torch.rand(b, generator=generator)) * (torch.rand(b, generator=generator) < p)
+    field = (field * strength[:, None, None, None]).to(x.device)
+    return (x + field) / (1.0 + field.amax(dim=(-2, -1), keepdim=True))
 
 
 class ImageTask:
