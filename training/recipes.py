@@ -141,7 +141,8 @@ _add(Recipe(
     patience=8, augment="robust_light", label_smoothing=0.05,
     conditioning={"mnist": "background", "fashion-mnist": "stretch"},
     notes="784-1024-512-10 BN-ReLU-dropout, Normalize fitted on train, AdamW + cosine; augmented on the fly "
-          "(rotation, scale, shear, shift, elastic, stroke thickness, blur, noise; flips for clothes).",
+          "(rotation, scale, shear, shift, elastic, stroke thickness, blur, noise; flips for clothes); input "
+          "conditioned in the graph (contrast stretch; digits: background removed).",
 ))
 _add(Recipe(
     "lenet", "book", "image", ("fashion-mnist", "mnist"),
@@ -158,8 +159,10 @@ _add(Recipe(
     patience=8, augment="robust", label_smoothing=0.05, quick={"limit": None, "epochs": 4},
     conditioning={"mnist": "background", "fashion-mnist": "stretch"},
     notes="LeNet shape with 32/64 channels, BatchNorm, ReLU, MaxPool, dropout 0.3; AdamW + cosine; "
-          "augmented on the fly (rotation, scale, shear, shift, elastic, stroke thickness, blur, noise; "
-          "horizontal flips for clothes only). Quick profile: every training image, 4 epochs.",
+          "augmented on the fly (rotation, scale, shear, shift, elastic, stroke thickness, blur, noise; for "
+          "digits also pixel jitter, hollow strokes and a grey background; horizontal flips for clothes only); "
+          "input conditioned in the graph (contrast stretch; digits: background removed). "
+          "Quick profile: every training image, 4 epochs.",
 ))
 
 # ---- house prices ------------------------------------------------------------------------
