@@ -265,18 +265,18 @@ PEERS_DEFAULTS_W2 = Variant("peers", "every server at its own default instance c
                             "python loadtests/peers/bench_peers.py --rounds 2 --duration 12 --threads 1 "
                             "--peer-instances 2 --torchserve-batch-size 1 --env DLBOOK_WORKERS=2",
                             _peers(2, 1, instances=2))
+def _poems(n_workers: int, rhyme: str = "off", tones: str = "off"):
+    return lambda c: (c["streams"] == 16 and c.get("client", "lean") == "lean" and workers(c) == n_workers
+                      and c.get("rhyme", "off") == rhyme and c.get("tones", "off") == tones)
+
+
 POEMS = Variant("poem-http", "poems over HTTP, 16 streams",
-                "python loadtests/poem_http_bench.py --rounds 2 --streams 16",
-                lambda c: c["streams"] == 16 and c.get("client", "lean") == "lean" and workers(c) == 1
-                and c.get("rhyme", "off") == "off" and c.get("tones", "off") == "off")
+                "python loadtests/poem_http_bench.py --rounds 2 --streams 16", _poems(1))
 POEMS_W2 = Variant("poem-http", "poems over HTTP, 16 streams, two workers",
-                   "python loadtests/poem_http_bench.py --rounds 2 --streams 16 --env DLBOOK_WORKERS=2",
-                   lambda c: c["streams"] == 16 and c.get("client", "lean") == "lean" and workers(c) == 2
-                   and c.get("rhyme", "off") == "off" and c.get("tones", "off") == "off")
+                   "python loadtests/poem_http_bench.py --rounds 2 --streams 16 --env DLBOOK_WORKERS=2", _poems(2))
 POEMS_SOUND = Variant("poem-http", "poems over HTTP, 16 streams, every poem rhyming with strict tones",
                       "python loadtests/poem_http_bench.py --rounds 2 --streams 16 --rhyme auto --tones strict",
-                      lambda c: c["streams"] == 16 and c.get("client", "lean") == "lean" and workers(c) == 1
-                      and c.get("rhyme") == "auto" and c.get("tones") == "strict")
+                      _poems(1, "auto", "strict"))
 POEM_ENGINE = Variant("poem-throughput", "the poem engine in process, 16 poems",
                       "python loadtests/poem_throughput.py --rounds 3 --streams 16", lambda c: c["streams"] == 16)
 OVERLOAD = Variant("overload", "overload",

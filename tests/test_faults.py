@@ -32,7 +32,9 @@ from training.datasets.house import load_house_train, read_house_csv
 from training.datasets.sources import find_dataset
 
 LOAD_THREADS = 4
-RECOVERY_LIMIT_S = 60.0  # DlbookService loads every model again; seconds on a 2-core CPU
+# Not a speed bar: only stops a worker that never comes back from blocking the suite (DlbookService loads
+# every model again; how long that takes is printed, never asserted).
+HANG_GUARD_S = 60.0
 REQUEST_TIMEOUT_S = 90.0  # longer than a restart: requests queued in the backlog must not time out
 
 
@@ -116,7 +118,7 @@ def wait_ready(base: str, deadline: float) -> float:
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    pytest.fail(f"/readyz did not answer 200 within {RECOVERY_LIMIT_S} s of the worker's death")
+    pytest.fail(f"/readyz never answered 200 after the worker's death (hang guard: {HANG_GUARD_S} s)")
 
 
 def test_killed_worker_is_restarted_and_few_requests_fail(server: LiveServer, records: list[dict]) -> None:
@@ -131,7 +133,7 @@ def test_killed_worker_is_restarted_and_few_requests_fail(server: LiveServer, re
 
         killed_at = time.monotonic()
         worker.send_signal(signal.SIGKILL)
-        ready_at = wait_ready(server.base, killed_at + RECOVERY_LIMIT_S)
+        ready_at = wait_ready(server.base, killed_at + HANG_GUARD_S)
         recovery_s = ready_at - killed_at
         time.sleep(3)  # load goes on after recovery
         after_at = time.monotonic()
@@ -163,7 +165,7 @@ def test_arbiter_keeps_a_worker_after_repeated_kills(server: LiveServer) -> None
         (worker,) = server.workers()
         killed_at = time.monotonic()
         worker.send_signal(signal.SIGKILL)
-        wait_ready(server.base, killed_at + RECOVERY_LIMIT_S)
+        wait_ready(server.base, killed_at + HANG_GUARD_S)
         (restarted,) = server.workers()
         assert restarted.pid != worker.pid
     assert httpx.get(f"{server.base}/livez", timeout=10).status_code == 200
