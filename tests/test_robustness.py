@@ -24,6 +24,7 @@ from training.photographs import CONDITIONS, Shot, conditions_for, photograph, r
 from training.recipes import RECIPES
 from training.tasks.image import (
     AUGMENTATIONS,
+    CLUTTER_KINDS,
     Augmentation,
     ImageTask,
     augment_batch,
@@ -54,10 +55,22 @@ def test_default_presets_are_augmented_and_book_presets_are_not() -> None:
             continue
         if recipe.preset == "default":
             assert recipe.augment == ("robust" if recipe.architecture == "lenet" else "robust_light"), recipe.name
+            if recipe.architecture == "lenet":  # 4 epochs: the policy without the marks (training/tasks/image.py)
+                assert recipe.quick["augment"] == "robust_plain"
             assert set(recipe.conditioning.values()) == {"background", "stretch"}, recipe.name
         else:
             assert recipe.augment == "none" and not recipe.quick, f"{recipe.name}: the books train without it"
             assert not recipe.conditioning, f"{recipe.name}: the books' networks take their input as it is"
+
+
+def test_the_digit_policies_differ_only_in_the_marks_and_their_rates() -> None:
+    plain, default, clutter = (AUGMENTATIONS[name]["mnist"] for name in ("robust_plain", "robust", "robust_clutter"))
+    assert not (plain.clutter_p or plain.motion_p or plain.jitter_blur or plain.outline_thin)
+    assert 0 < default.clutter_p < clutter.clutter_p and 0 < default.motion_p < clutter.motion_p
+    assert default.jitter_blur and clutter.jitter_blur and default.outline_thin == clutter.outline_thin
+    assert (default.rotation, default.shift) == (plain.rotation, plain.shift)
+    for name in ("robust_plain", "robust_clutter"):  # clothes: one policy
+        assert AUGMENTATIONS[name]["fashion-mnist"] == AUGMENTATIONS["robust"]["fashion-mnist"]
 
 
 def test_flips_are_for_clothes_only() -> None:
@@ -69,7 +82,8 @@ def test_flips_are_for_clothes_only() -> None:
 
 def test_augmentation_is_reproducible_and_stays_near_the_data(test_images: dict) -> None:
     images = torch.from_numpy(test_images["mnist"][0][:32] / 255.0).float()[:, None]
-    policy = dataclasses.replace(AUGMENTATIONS["robust"]["mnist"], background_p=0.0)  # its grey: the next test
+    # its grey background and its marks (an inverted band floods a strip with ink): tests of their own below
+    policy = dataclasses.replace(AUGMENTATIONS["robust"]["mnist"], background_p=0.0, clutter_p=0.0)
     first = augment_batch(images, policy, torch.Generator().manual_seed(1))
     again = augment_batch(images, policy, torch.Generator().manual_seed(1))
     other = augment_batch(images, policy, torch.Generator().manual_seed(2))
@@ -90,6 +104,47 @@ def test_the_grey_background_goes_under_the_ink_never_over_it(test_images: dict)
     lit = grey[images == 0].reshape(-1)
     assert float(lit.max()) > 0.05, "the paper is grey somewhere"
     assert float(grey[images > 0.99].min()) > float(lit.max()), "full ink stays brighter than any background"
+
+
+def _clutter_kind_of_each(n: int, seed: int) -> np.ndarray:
+    """The kind ``_clutter`` picks for each of ``n`` images: its first draw from the generator."""
+    return torch.randint(0, len(CLUTTER_KINDS), (n,), generator=torch.Generator().manual_seed(seed)).numpy()
+
+
+def test_clutter_draws_each_kind_as_it_says(test_images: dict) -> None:
+    images = torch.from_numpy(test_images["mnist"][0][:40] / 255.0).float()[:, None]
+    cluttered = augment_batch(images, Augmentation(clutter_p=1.0), torch.Generator().manual_seed(4))
+    assert torch.equal(cluttered, augment_batch(images, Augmentation(clutter_p=1.0), torch.Generator().manual_seed(4)))
+    kinds = [CLUTTER_KINDS[k] for k in _clutter_kind_of_each(len(images), 4)]
+    assert set(kinds) == set(CLUTTER_KINDS), "40 images see every kind (else pick another seed)"
+    for kind, before, after in zip(kinds, images[:, 0], cluttered[:, 0], strict=True):
+        added, removed = (after - before).clamp_min(0), (before - after).clamp_min(0)
+        if kind in ("polyline", "dotted", "splashes"):  # marks over the frame, never ink taken away
+            assert float(removed.max()) < 1e-6 and float(added.sum()) > 1.0, kind
+        elif kind == "band":  # a strip inverted: both directions, and only within one strip of columns or rows
+            flipped = ((after - (1 - before)).abs() < 1e-6) & ((after - before).abs() > 1e-6)
+            columns, rows = flipped.any(0).nonzero(), flipped.any(1).nonzero()
+            assert min(int(columns.max() - columns.min()), int(rows.max() - rows.min())) < 7, "one strip"
+            assert float(added.sum()) > 1.0
+        else:  # salt and pepper: single pixels set to 0 or 1, 2–10% of them
+            hit = (after - before).abs() > 1e-6
+            assert bool(((after[hit] == 0) | (after[hit] == 1)).all())
+            assert int(hit.sum()) <= 0.10 * 28 * 28
+
+
+def test_a_line_is_drawn_along_its_course() -> None:
+    """Distances to segments, the geometry behind lines, dots and camera shake, on a case worked by hand."""
+    from training.tasks.image import _distance_to_segments, _line_kernels
+
+    start, end = torch.tensor([[[0.0, 0.0]]]), torch.tensor([[[10.0, 0.0]]])
+    points = torch.tensor([[5.0, 3.0], [-4.0, 3.0], [12.0, 0.0]])
+    distance, along = _distance_to_segments(start, end, points)
+    assert torch.allclose(distance[0, 0], torch.tensor([3.0, 5.0, 2.0]))
+    assert torch.allclose(along[0, 0], torch.tensor([0.5, 0.0, 1.0]))
+    kernels = _line_kernels(16, torch.arange(-4, 5, dtype=torch.float32), torch.Generator().manual_seed(0))
+    assert torch.allclose(kernels.sum((1, 2)), torch.ones(16))
+    assert bool((kernels.flip(1, 2) - kernels).abs().max() < 1e-6), "a shake's stroke is centred on the pixel"
+    assert int((kernels > 0.01).sum((1, 2)).min()) >= 3, "a stroke, not a point"
 
 
 def test_augmented_training_batches_are_reproducible(test_images: dict) -> None:
@@ -215,3 +270,25 @@ def test_the_benchmark_runs_every_served_image_model_through_http(image_server: 
         assert all(0.0 <= v <= 1.0 for v in values)
         assert record["images_per_condition"] == 3 and record["kind"] == "robustness"
     assert all(name in CONDITIONS for r in records for name in r["photographed"])
+
+
+def test_the_experiments_table_is_written_from_its_records(tmp_path: Path) -> None:
+    import json
+
+    from training import robustness_of_run
+
+    base = {"kind": "robustness-run", "dataset": "mnist", "test_accuracy": 0.99, "photographed_mean": 0.98,
+            "mnist_c": {name: 0.5 for name in MNIST_C}, "train_seconds": 1000.0}
+    for run, mean, augment in (("b-run", 0.9, "robust_clutter"), ("a-run", 0.8, None)):
+        record = base | {"run": run, "mnist_c_mean": mean, "augment": augment, "training_command": f"train {run}"}
+        (tmp_path / f"robustness-run-{run}.json").write_text(json.dumps(record))
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\nbefore\n<!-- generated: robustness-experiments -->\nold\n<!-- end generated -->\n"
+                       "after\n")
+    assert robustness_of_run.write_table(results, tmp_path)
+    text = results.read_text()
+    assert "old" not in text and text.startswith("# Results\n\nbefore\n") and text.endswith("after\n")
+    assert text.index("a-run") < text.index("b-run"), "ordered by MNIST-C mean"
+    assert "(`robust_clutter`) | 99.00% | 98.0% | 90.0% | 50.0%" in text and "`train b-run`" in text
+    results.write_text("# Results\n")
+    assert not robustness_of_run.write_table(results, tmp_path), "no block, nothing written"

@@ -167,3 +167,33 @@ def test_fold_models_train_exactly_as_fit_trains(tmp_path: Path) -> None:
     assert fit_steps == fold_steps > 0
     assert fitted.keys() == folded.keys()
     assert all(torch.equal(fitted[k], folded[k]) for k in fitted)
+
+
+def test_another_augmentation_policy_trains_and_is_recorded(tmp_path: Path) -> None:
+    """``--augment`` trains an experiment's policy; ``robustness-run`` then scores the run on the robustness sets."""
+    from training.photographs import conditions_for
+    from training.robustness_of_run import evaluate_run
+
+    summary = train(TrainOptions("lenet", "default", dataset="mnist", epochs=1, limit=600, device="cpu",
+                                 progress=False, run_name="clutter", augment="robust_clutter"))
+    assert summary["augment"] == "robust_clutter"
+    record = evaluate_run(Path(os.environ["DLBOOK_RUNS"]) / "clutter", count=8)
+    assert record["augment"] == "robust_clutter" and record["images_per_condition"] == 8
+    assert len(record["mnist_c"]) == 15 and set(record["photographed"]) == set(conditions_for("mnist"))
+    scores = [record["clean"], *record["mnist_c"].values(), *record["photographed"].values()]
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert record["mnist_c_mean"] == pytest.approx(sum(record["mnist_c"].values()) / 15)
+    # its clean figure is the run's own model on the same test images, scaled as the run stored it
+    from preprocessing import PixelScaling
+    from training.datasets.images import load_image_split
+    from training.export import load_run
+    from training.robustness import test_indices
+
+    model, saved = load_run(Path(os.environ["DLBOOK_RUNS"]) / "clutter")
+    test, index = load_image_split("mnist", "test"), test_indices("mnist", 8, 0)
+    frames = PixelScaling.from_dict(saved["preprocessing"]["scaling"]).apply(test.images[index])[:, None]
+    with torch.no_grad():
+        predicted = model.eval()(torch.from_numpy(frames)).argmax(1).numpy()
+    assert record["clean"] == pytest.approx(float((predicted == test.labels[index]).mean()))
+    with pytest.raises(ValueError, match="image recipes"):
+        _resolve(TrainOptions("price_mlp", "default", augment="robust"))

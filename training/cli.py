@@ -1,5 +1,5 @@
 """Command line: ``python -m training COMMAND``: fetch, train, presets, summary, report, house-eval, export,
-quantize-report, robustness, poem-eval, up."""
+quantize-report, robustness, robustness-run, poem-eval, up."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = train(TrainOptions(
         architecture=args.architecture, preset=args.preset, dataset=args.dataset, profile=args.profile,
         seed=args.seed, epochs=args.epochs, limit=args.limit, device=args.device, resume=args.resume,
-        progress=not args.no_progress, run_name=args.run_name,
+        progress=not args.no_progress, run_name=args.run_name, augment=args.augment,
     ))
     print()
     print(format_table([summary]))
@@ -118,6 +118,12 @@ def _cmd_quantize_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_robustness_run(args: argparse.Namespace) -> int:
+    from training.robustness_of_run import main
+
+    return 0 if main(args.runs, args.count, args.seed, write=not args.no_write) else 1
+
+
 def _cmd_robustness(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -157,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint.pt")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--run-name", help="folder name under runs/ (default: <arch>-<preset>-<dataset>)")
+    p.add_argument("--augment", help="images: train with this augmentation policy instead of the preset's "
+                                     "(training/tasks/image.py AUGMENTATIONS, e.g. robust_clutter)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("presets", help="list every preset, its data and the book's figure")
@@ -217,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="docs/RESULTS.md")
     p.add_argument("--no-write", action="store_true", help="print the figures only")
     p.set_defaults(func=_cmd_robustness)
+
+    p = sub.add_parser("robustness-run", help="training runs (PyTorch, in process) on the same robustness sets "
+                                              "→ docs/records/experiments/robustness-run-*.json")
+    p.add_argument("runs", nargs="+", help="run folders, or names under runs/")
+    p.add_argument("--count", type=int, default=200, help="test images per condition")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-write", action="store_true", help="print the figures only")
+    p.set_defaults(func=_cmd_robustness_run)
 
     p = sub.add_parser("poem-eval", help="rhyme, tones, perplexity, diversity and copying of generated poems, "
                                          "with and without constraints → docs/records/poem-sound-eval.json")

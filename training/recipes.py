@@ -42,7 +42,7 @@ class Recipe:
     scaling: PixelScaling | None = None
     patience: int | None = None  # early stopping on the validation metric; None trains every epoch
     max_steps: int | None = None  # stop after this many optimiser steps (the 尚硅谷 TwoLayerNet recipe)
-    augment: str = "none"  # none | shift | shift_flip | robust | robust_light (images; tasks/image.py AUGMENTATIONS)
+    augment: str = "none"  # none | shift | shift_flip | robust | robust_plain | robust_clutter | robust_light
     # images: data set → the model's input conditioning (models/conditioning.py); a data set not named: none
     conditioning: dict[str, str] = field(default_factory=dict)
     # The quick profile's budget where this recipe needs another than its task's (training/train.py QUICK):
@@ -156,13 +156,15 @@ _add(Recipe(
     "lenet", "default", "image", ("fashion-mnist", "mnist"),
     LeNetConfig(),
     (Phase(30, "adamw", 2e-3, weight_decay=5e-4, schedule="cosine"),), 128, "ours",
-    patience=8, augment="robust", label_smoothing=0.05, quick={"limit": None, "epochs": 4},
+    patience=8, augment="robust", label_smoothing=0.05,
+    quick={"limit": None, "epochs": 4, "augment": "robust_plain"},
     conditioning={"mnist": "background", "fashion-mnist": "stretch"},
     notes="LeNet shape with 32/64 channels, BatchNorm, ReLU, MaxPool, dropout 0.3; AdamW + cosine; "
           "augmented on the fly (rotation, scale, shear, shift, elastic, stroke thickness, blur, noise; for "
-          "digits also pixel jitter, hollow strokes and a grey background; horizontal flips for clothes only); "
-          "input conditioned in the graph (contrast stretch; digits: background removed). "
-          "Quick profile: every training image, 4 epochs.",
+          "digits also pixel jitter and frosted glass, hollow strokes, a grey background, camera shake and marks "
+          "over the digit: lines, scribbles, dots, an inverted band, splashes, salt and pepper; horizontal flips "
+          "for clothes only); input conditioned in the graph (contrast stretch; digits: background removed). "
+          "Quick profile: every training image, 4 epochs, digits without the shake, glass and marks.",
 ))
 
 # ---- house prices ------------------------------------------------------------------------

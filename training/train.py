@@ -52,6 +52,7 @@ class TrainOptions:
     resume: bool = False
     progress: bool = True
     run_name: str | None = None
+    augment: str | None = None  # images: another AUGMENTATIONS policy than the recipe's (an experiment's run)
 
 
 def describe_device(device: torch.device) -> str:
@@ -78,6 +79,10 @@ def _resolve(options: TrainOptions) -> tuple[Recipe, str, int | None]:
         epochs = min(epochs or recipe.epochs, quick["epochs"])
     elif options.profile != "full":
         raise ValueError("profile must be 'quick' or 'full'")
+    if options.augment:
+        if recipe.task != "image":
+            raise ValueError("--augment is for image recipes")
+        recipe = replace(recipe, augment=options.augment)
     if epochs:
         recipe = recipe.with_epochs(epochs)
     if limit and recipe.max_steps:
@@ -140,6 +145,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
         "profile": options.profile,
         "seed": options.seed,
         "limit": limit,
+        "augment": recipe.augment,
         "data": describe_training_data(dataset),
         "test": test,
         "best_epoch": result.best_epoch,
