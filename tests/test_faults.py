@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -32,9 +31,10 @@ from training.datasets.house import load_house_train, read_house_csv
 from training.datasets.sources import find_dataset
 
 LOAD_THREADS = 4
-# Not a speed bar: only stops a worker that never comes back from blocking the suite (DlbookService loads
-# every model again; how long that takes is printed, never asserted).
-HANG_GUARD_S = 60.0
+# Requests the load completes before the kill and after the recovery: counted, not timed. A worker that never
+# comes back is stopped by pytest-timeout (pyproject.toml), not by a deadline here; how long a restart takes
+# is printed, never asserted.
+SETTLED_REQUESTS = 20
 REQUEST_TIMEOUT_S = 90.0  # longer than a restart: requests queued in the backlog must not time out
 
 
@@ -70,7 +70,7 @@ class Load:
         self.base, self.records = base, records
         self.outcomes: list[Outcome] = []
         self.stop = threading.Event()
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(LOAD_THREADS)]
 
     def __enter__(self) -> Load:
@@ -101,24 +101,30 @@ class Load:
                     ok, detail = False, f"{type(err).__name__}: {err}"
                 with self.lock:
                     self.outcomes.append(Outcome(started, time.monotonic(), ok, detail))
+                    self.lock.notify_all()
                 if not ok:
                     time.sleep(0.1)  # a client backs off a little after an error instead of spinning
+
+    def wait_for(self, count: int, since: float) -> list[Outcome]:
+        """Block until ``count`` requests started at ``since`` or later have ended; those requests."""
+        with self.lock:
+            self.lock.wait_for(lambda: sum(o.started >= since for o in self.outcomes) >= count)
+            return [o for o in self.outcomes if o.started >= since]
 
     def between(self, start: float, end: float) -> list[Outcome]:
         with self.lock:
             return [o for o in self.outcomes if start <= o.started < end]
 
 
-def wait_ready(base: str, deadline: float) -> float:
+def wait_ready(base: str) -> float:
     """Poll /readyz until it answers 200; the time it did. Requests wait in the backlog during a restart."""
-    while time.monotonic() < deadline:
+    while True:
         try:
-            if httpx.get(f"{base}/readyz", timeout=max(1.0, deadline - time.monotonic())).status_code == 200:
+            if httpx.get(f"{base}/readyz", timeout=REQUEST_TIMEOUT_S).status_code == 200:
                 return time.monotonic()
         except httpx.HTTPError:
             pass
-        time.sleep(0.1)
-    pytest.fail(f"/readyz never answered 200 after the worker's death (hang guard: {HANG_GUARD_S} s)")
+        time.sleep(0.1)  # a poll's pace, not a deadline
 
 
 def test_killed_worker_is_restarted_and_few_requests_fail(server: LiveServer, records: list[dict]) -> None:
@@ -127,15 +133,14 @@ def test_killed_worker_is_restarted_and_few_requests_fail(server: LiveServer, re
     before = httpx.post(f"{server.base}/predict_price", json=probe, timeout=30).json()["prices"]
 
     with Load(server.base, records) as load:
-        time.sleep(3)
-        warm = load.between(0, time.monotonic())
+        warm = load.wait_for(SETTLED_REQUESTS, since=0)
         assert warm and all(o.ok for o in warm), [o.detail for o in warm if not o.ok][:3]
 
         killed_at = time.monotonic()
         worker.send_signal(signal.SIGKILL)
-        ready_at = wait_ready(server.base, killed_at + HANG_GUARD_S)
+        ready_at = wait_ready(server.base)
         recovery_s = ready_at - killed_at
-        time.sleep(3)  # load goes on after recovery
+        load.wait_for(SETTLED_REQUESTS, since=ready_at)  # load goes on after recovery
         after_at = time.monotonic()
     outcomes = load.between(0, after_at)
 
@@ -149,7 +154,7 @@ def test_killed_worker_is_restarted_and_few_requests_fail(server: LiveServer, re
           f"({len(outcomes)} requests in all): {sorted({o.detail[:60] for o in failed})}")
 
     # No bound on recovery_s here: how fast a worker comes back is the machine's speed (this test prints it);
-    # wait_ready's deadline only stops a hang from blocking the suite.
+    # pytest-timeout only stops a hang from blocking the suite.
     # Only requests in flight in the killed worker may fail (at most one per thread); the rest wait in
     # the listening socket's backlog for the new worker.
     assert len(failed) <= LOAD_THREADS, [o.detail for o in failed]
@@ -163,9 +168,8 @@ def test_arbiter_keeps_a_worker_after_repeated_kills(server: LiveServer) -> None
     """Two kills in a row (a crash loop's start): each time a new worker answers."""
     for _ in range(2):
         (worker,) = server.workers()
-        killed_at = time.monotonic()
         worker.send_signal(signal.SIGKILL)
-        wait_ready(server.base, killed_at + HANG_GUARD_S)
+        wait_ready(server.base)
         (restarted,) = server.workers()
         assert restarted.pid != worker.pid
     assert httpx.get(f"{server.base}/livez", timeout=10).status_code == 200
@@ -209,10 +213,8 @@ def test_in_a_container_a_killed_worker_ends_the_server(exported: dict[str, dict
         (worker,) = live.workers()
         killed_at = time.monotonic()
         worker.send_signal(signal.SIGKILL)
-        try:
-            code = live.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            pytest.fail("the arbiter outlived its only worker by 60 s: a pod would sit unserved until its "
-                        "liveness probe fails")
+        # An arbiter that outlived its only worker would leave a pod unserved until its liveness probe
+        # fails; here pytest-timeout would stop the wait (pyproject.toml), with nothing timed in the test.
+        code = live.proc.wait()
         print(f"\ncontainerized arbiter exited with {code} {time.monotonic() - killed_at:.1f} s after the kill")
     assert code != 0  # a crash, not a clean stop: restartPolicy OnFailure restarts it too
