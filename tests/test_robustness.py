@@ -176,6 +176,61 @@ def test_each_corruption_is_deterministic_and_changes_the_images(test_images: di
     assert np.mean(changed) >= 0.9, f"{name} left images unchanged"
 
 
+def _shifted(image: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """``image`` moved by whole pixels (right and down when positive), black where nothing comes in."""
+    out = np.zeros_like(image)
+    out[max(dy, 0):28 + min(dy, 0), max(dx, 0):28 + min(dx, 0)] = image[max(-dy, 0):28 + min(-dy, 0),
+                                                                          max(-dx, 0):28 + min(-dx, 0)]
+    return out
+
+
+def test_the_corruptions_have_the_papers_settings(test_images: dict) -> None:
+    """The settings of the paper's data set (training/corruptions.py says where they come from), each checked on
+    what it does to real test digits rather than on the code's constants."""
+    images = test_images["mnist"][0][:20]
+    rng = np.random.default_rng(0)
+    from training import corruptions as c
+
+    for image in images:
+        # Stripe: exactly the two 7-px side margins, inverted; the middle untouched.
+        striped = c.stripe(image, rng)
+        np.testing.assert_array_equal(striped[:, 7:21], image[:, 7:21])
+        np.testing.assert_array_equal(striped[:, :7], 255 - image[:, :7])
+        # Translate: 3 px along each axis, either way, nothing else.
+        moved = c.translate(image, rng)
+        assert any(np.array_equal(moved, _shifted(image, dx, dy)) for dx in (-3, 3) for dy in (-3, 3))
+        # Brightness: +0.5 of white everywhere, clipped.
+        bright = c.brightness(image, rng).astype(int)
+        assert bright.min() >= 127 and np.array_equal(bright, np.clip(image.astype(int) + 128, 0, 255))
+        # Shot noise of 3 photons: the background stays black, ink takes multiples of a third.
+        shot = c.shot_noise(image, rng)
+        assert not shot[image == 0].any()
+        assert set(np.unique(shot)) <= {0, 85, 170, 255}
+    # Impulse noise on 17% of the pixels, half of them white: 8.5% of the black background turns white.
+    salted = np.mean([np.mean(c.impulse_noise(image, rng)[image == 0] == 255) for image in images])
+    assert 0.07 < salted < 0.10, salted
+    # Scale: the ink's extent shrinks to 0.7 about the frame's centre.
+    spread = [np.std(np.nonzero(c.scale(image, rng) > 60)[1]) / np.std(np.nonzero(image > 60)[1]) for image in images]
+    assert 0.65 < np.median(spread) < 0.75, np.median(spread)
+    # Dotted line: dashes only on columns 2–3, 6–7, …; nothing added on the others.
+    blank = np.zeros((28, 28), np.uint8)
+    for _ in range(10):
+        dotted = c.dotted_line(blank, rng)
+        on = np.nonzero(dotted.any(axis=0))[0]
+        assert len(on) and set(on % 4) <= {2, 3}
+    # Zigzag: a band over columns 2–25, at most 4 px either side of its straight line plus the line's slope.
+    for _ in range(10):
+        zig = c.zigzag(blank, rng)
+        cols = np.nonzero(zig.any(axis=0))[0]
+        assert cols.min() >= 2 and cols.max() <= 25 and len(cols) > 15
+        rows = np.nonzero(zig.any(axis=1))[0]
+        assert rows.max() - rows.min() <= 4 + 2 * 4 + 5
+    # Canny edges: white 1-px outlines on black, on both sides of the strokes (more edge than stroke pixels).
+    edges = c.canny_edges(images[0], rng)
+    assert set(np.unique(edges)) == {0, 255}
+    assert (edges > 0).sum() > 0.8 * (images[0] > 127).sum()
+
+
 def test_there_are_the_papers_fifteen_corruptions() -> None:
     assert list(MNIST_C) == ["shot_noise", "impulse_noise", "glass_blur", "motion_blur", "shear", "scale", "rotate",
                              "brightness", "translate", "stripe", "fog", "spatter", "dotted_line", "zigzag",
