@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from preprocessing import PixelScaling
+from serving.shadow import find_shadow_edge
 
 FRAME = 28
 MNIST_BOX = 20
@@ -489,8 +490,18 @@ def _search_region(smooth: np.ndarray, region: np.ndarray | None, scale: float, 
     values = smooth[ys, xs].astype(np.float64)
     design = _design((xs + 0.5) / scale, (ys + 0.5) / scale, round(height / scale), round(width / scale))
     # Start from the pixels near the rim's level on the ink's side (the paper), widen as the fit improves.
-    keep = sign * (values - paper) < max(2 * MIN_CONTRAST, 0.1 * abs((high if sign > 0 else low) - paper))
-    coef = np.array([paper, 0, 0, 0, 0, 0], dtype=np.float64)
+    start = max(2 * MIN_CONTRAST, 0.1 * abs((high if sign > 0 else low) - paper))
+    keep = sign * (values - paper) < start
+    # A shadow's edge across the page (serving/shadow.py): the surface gets its step, and the ramps of the
+    # step across the page (light multiplies, so a shadow on a gradient is a gradient too); the search's own
+    # fit of the paper picks the pixels to start from.
+    edge = find_shadow_edge(smooth, region) if dark_ink else None
+    if edge is not None:
+        on = edge.step[ys, xs].astype(np.float64)
+        design = np.concatenate([design, np.stack([on, design[:, 1] * on, design[:, 2] * on], axis=1)], axis=1)
+        keep = sign * (values - edge.paper[ys, xs]) < start
+    coef = np.zeros(design.shape[1])
+    coef[0] = paper
     spread = 0.0
     for _ in range(4):
         if keep.sum() < 12:
@@ -504,6 +515,8 @@ def _search_region(smooth: np.ndarray, region: np.ndarray | None, scale: float, 
     u = ((np.arange(width) + 0.5) / scale / max(round(width / scale), 1))[None, :]
     v = ((np.arange(height) + 0.5) / scale / max(round(height / scale), 1))[:, None]
     surface = coef[0] + coef[1] * u + coef[2] * v + coef[3] * u * u + coef[4] * u * v + coef[5] * v * v
+    if edge is not None:
+        surface = surface + edge.step * (coef[6] + coef[7] * u + coef[8] * v)
     reference = float(np.median(surface[region])) if dark_ink else 0.0
     contrast = np.where(region, _contrast(smooth, surface, dark_ink, reference), 0.0).astype(np.float32)
     if float(np.percentile(contrast[region], 99.9)) < MIN_INK and float(contrast.max()) < 1.5 * MIN_INK:
