@@ -77,11 +77,12 @@ def serve_process(service: str, log_path: Path, ready_path: str = "/readyz", **e
         base = f"http://127.0.0.1:{port}"
         server = LiveServer(base, proc)
         try:
-            deadline = time.monotonic() + 120
+            # Polled until ready or the server ends: no deadline (how fast it starts is the machine's speed);
+            # pytest-timeout (pyproject.toml) stops a server that never answers.
             while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
+                if proc.poll() is not None:
                     log.seek(0)
-                    pytest.fail(f"{service} did not become ready: {log.read()[-3000:]}")
+                    pytest.fail(f"{service} ended before it was ready: {log.read()[-3000:]}")
                 try:
                     if httpx.get(f"{base}{ready_path}", timeout=2).status_code == 200:
                         break

@@ -82,7 +82,7 @@ def test_round_trip_through_the_store_in_a_fresh_process(arch: str, trained_runs
     np.savez(tmp_path / "inputs.npz", **inputs)
     result = subprocess.run(
         [sys.executable, "-c", FRESH_PROCESS, meta["tag"], str(tmp_path / "inputs.npz"), str(tmp_path / "out.npz")],
-        capture_output=True, text=True, timeout=300, env=os.environ.copy(),
+        capture_output=True, text=True, env=os.environ.copy(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["inputs"] == list(spec.inputs)

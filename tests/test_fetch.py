@@ -93,7 +93,7 @@ def test_cli_reports_missing_data_with_exit_code(tmp_path: Path) -> None:
         f"p.SHARED_DATA_DIR = pathlib.Path({str(tmp_path / 'none')!r});"
         "from training.cli import main; sys.exit(main(['train', 'lenet', '--profile', 'quick']))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 2, result.stderr
     assert "python -m training fetch fashion-mnist" in result.stderr
     assert "Traceback" not in result.stderr

@@ -37,7 +37,7 @@ def test_locust_run_meets_its_slos_on_every_endpoint(server: str, tmp_path: Path
         [sys.executable, "-m", "locust", "-f", str(REPO / "loadtests" / "locustfile.py"), "--headless",
          "--users", "5", "--spawn-rate", "5", "--run-time", "20s", "--stop-timeout", "10", "--host", server,
          "--csv", str(prefix), "--html", str(tmp_path / "smoke.html"), "--only-summary"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        cwd=REPO, env=env, capture_output=True, text=True)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     assert "all SLOs met" in output
@@ -69,8 +69,7 @@ def test_without_any_data_root_the_users_load_the_committed_samples(tmp_path: Pa
         "print(len(m.pngs), len(m.houses), len(m.prompts), len(m.themes))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "DLBOOK_DATA"}
-    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     counts = [int(n) for n in done.stdout.split()[-4:]]
     assert all(n > 0 for n in counts), done.stdout

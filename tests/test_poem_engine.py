@@ -78,7 +78,7 @@ def test_a_deadline_ends_a_poem_with_timeout_and_frees_its_slot(engine_parts) ->
         loop = asyncio.get_running_loop()
         with pytest.raises(TimeoutError):
             await engine.generate(_samplers(vocab, 1)[0], deadline=loop.time())  # already due
-        return await engine.generate(_samplers(vocab, 1)[0], deadline=loop.time() + 60)
+        return await engine.generate(_samplers(vocab, 1)[0], deadline=loop.time() + 3600)  # far beyond any poem's time
 
     assert len(asyncio.run(run())) == 64
 
@@ -87,12 +87,12 @@ def test_chunks_spell_the_poem_first_at_once_and_the_end_without_waiting_out_the
     engine, vocab = engine_parts
 
     async def run() -> tuple[list[list[str]], str]:
-        # With a minute between lists, only the end of the poem can release the second one before
-        # the 30 s bound: the reader must not sit out the interval once the poem is whole.
-        paced = [c async for c in engine.chunks(_samplers(vocab, 1, seed=7)[0], every_s=60.0)]
+        # With an hour between lists, only the end of the poem can release the second one: a reader that
+        # sat out the interval once the poem is whole would be stopped by pytest-timeout (10 minutes).
+        paced = [c async for c in engine.chunks(_samplers(vocab, 1, seed=7)[0], every_s=3600.0)]
         return paced, await engine.generate(_samplers(vocab, 1, seed=7)[0])
 
-    paced, whole = asyncio.run(asyncio.wait_for(run(), timeout=30))
+    paced, whole = asyncio.run(run())
     assert "".join(sum(paced, [])) == whole and len(whole) == 64
     assert len(paced) <= 2  # the first character(s) at once (all 64, if this loop was held up), the rest at the end
 
@@ -134,7 +134,7 @@ def test_a_failed_step_hands_over_the_characters_before_it_then_fails_the_batch_
         errors = await asyncio.gather(read(0, broken), read(1, healthy))
         return errors, await engine.generate(_samplers(vocab, 1, seed=12)[0])
 
-    errors, after = asyncio.run(asyncio.wait_for(run(), timeout=60))
+    errors, after = asyncio.run(run())
     assert isinstance(errors[0], RuntimeError) and "generation failed: IndexError" in str(errors[0]), errors
     assert len(received[0]) == 9
     if errors[1] is None:  # it joined after the failing step
@@ -159,7 +159,7 @@ def test_a_decoding_process_that_dies_fails_its_poems_and_the_next_poem_starts_a
         return failure, await engine.generate(_samplers(vocab, 1, seed=22)[0])
 
     try:
-        failure, after = asyncio.run(asyncio.wait_for(run(), timeout=120))
+        failure, after = asyncio.run(run())
         assert failure is not None and "the decoding process stopped" in str(failure)
         assert len(after) == 64 and engine._decoder.proc.pid != first_pid
     finally:
@@ -177,7 +177,7 @@ def test_a_cancelled_poem_leaves_the_batch(engine_parts) -> None:
         await stream.aclose()
         return await engine.generate(_samplers(vocab, 1, seed=32)[0])
 
-    assert len(asyncio.run(asyncio.wait_for(run(), timeout=60))) == 64
+    assert len(asyncio.run(run())) == 64
     assert engine._live == {}
 
 
@@ -198,10 +198,10 @@ def test_sigterm_drains_the_decoding_process_its_poems_finish_and_new_poems_go_t
         return "".join(chars)
 
     try:
-        poem = asyncio.run(asyncio.wait_for(run(), timeout=60))
+        poem = asyncio.run(run())
         assert len(poem) == 64
-        assert proc.wait(timeout=30) == 0  # no longer ignored: it drained and left
-        after = asyncio.run(asyncio.wait_for(engine.generate(_samplers(vocab, 1, seed=42)[0]), timeout=120))
+        assert proc.wait() == 0  # no longer ignored: it drained and left
+        after = asyncio.run(engine.generate(_samplers(vocab, 1, seed=42)[0]))
         assert len(after) == 64 and engine._decoder.proc.pid != proc.pid
     finally:
         engine.stop()
@@ -211,7 +211,7 @@ def test_an_idle_decoding_process_exits_on_sigterm_and_when_its_input_closes(exp
     engine, _ = _engine(exported)
     idle = engine._decoder.proc
     os.kill(idle.pid, signal.SIGTERM)
-    assert idle.wait(timeout=30) == 0
+    assert idle.wait() == 0
     engine.start()  # a new one
     second = engine._decoder.proc
     assert second.pid != idle.pid and second.poll() is None
@@ -244,7 +244,7 @@ def test_the_decoding_loop_speaks_the_protocol_drain_retire_cancel() -> None:
         inbox.put(message)
     runner = threading.Thread(target=loop.run, args=(inbox,), daemon=True)
     runner.start()
-    runner.join(timeout=30)
+    runner.join()  # a loop that never returns is stopped by pytest-timeout (pyproject.toml)
     assert not runner.is_alive(), "the loop must return once retired with nothing left to write"
     assert [m.kind for m in sent].count(Kind.DRAINING) == 1 and sent[0].kind is Kind.DRAINING
     steps = [m for m in sent if isinstance(m, Step)]
