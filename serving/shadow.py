@@ -17,7 +17,7 @@ side) is fitted by least squares trimmed to the 60% of the points the model fits
 faint parts do not pull the fit (least trimmed squares); the best line is refined on a finer grid of
 directions, positions and softnesses around it, then once more. The step is kept only when it explains
 most of what the quadratic could not (the trimmed error falls below 40% of the quadratic's), is deeper
-than the paper's noise and shallower than 70% of its light, leaves the light under it gently curved (a
+than 12 grey levels and shallower than 70% of its light, leaves the light under it gently curved (a
 step and a bowl fitted around a faint product are refused), is soft (a sharp step along the same line
 must fit worse: the edge of a sheet on a table, or a product's straight side, is sharp), and leaves
 paper that fits on both of its sides: a subject is not a half-plane, so a step drawn along a dark
@@ -117,12 +117,9 @@ def _trimmed_fits(quadratic: np.ndarray, steps: np.ndarray, values: np.ndarray, 
     return coef, residual, error
 
 
-def find_shadow_edge(smooth: np.ndarray, region: np.ndarray, noise: float = 0.0) -> ShadowEdge | None:
+def find_shadow_edge(smooth: np.ndarray, region: np.ndarray) -> ShadowEdge | None:
     """The straight, soft shadow edge across ``region`` of a (smoothed, grey) picture of dark ink on light paper,
-    or None when there is none.
-
-    ``noise`` is the paper's noise in grey levels, if known: a step must be deeper than three times it.
-    """
+    or None when there is none."""
     height, width = smooth.shape
     u_all, v_all = _coordinates(height, width)
     rows = np.linspace(0, height - 1, min(SAMPLE_SIDE, height)).round().astype(int)
@@ -169,7 +166,7 @@ def find_shadow_edge(smooth: np.ndarray, region: np.ndarray, noise: float = 0.0)
     line, coef, residual, error = search(polish)
     depth = abs(float(coef[6]))
     level = float(np.median(values))
-    if error >= GAIN * plain_error or not max(MIN_DEPTH, 3.0 * noise) <= depth <= MAX_DEPTH * level:
+    if error >= GAIN * plain_error or not MIN_DEPTH <= depth <= MAX_DEPTH * level:
         return None
     if np.abs(coef[3:6]).sum() > MAX_CURVATURE * level:
         return None  # the quadratic bent around something under the step: a faint subject, not light

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,36 @@ def test_indices(dataset: str, count: int, seed: int) -> np.ndarray:
 
 
 # ----- talking to the service -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchmarkRow:
+    """One row of the benchmark: the same test images as every other row, as 28×28 arrays (``pixels``, for
+    the clean row and each MNIST-C corruption) or as photo files (``files``, one photographed condition)."""
+
+    section: str  # "clean" | "mnist_c" | "photographed"
+    name: str
+    pixels: np.ndarray | None = None
+    files: list[bytes] | None = None
+
+
+def benchmark_rows(dataset: str, count: int, seed: int) -> tuple[np.ndarray, Iterator[BenchmarkRow]]:
+    """The labels of the ``count`` test images drawn with ``seed``, and every row made from them, in the
+    order of the tables (clean, the 15 corruptions, the photographed conditions), each made when reached.
+    The served benchmark and ``robustness-run`` score exactly these."""
+    test = load_image_split(dataset, "test")
+    index = test_indices(dataset, count, seed)
+    images = test.images[index]
+
+    def rows() -> Iterator[BenchmarkRow]:
+        yield BenchmarkRow("clean", "clean", pixels=images)
+        for name in MNIST_C:
+            yield BenchmarkRow("mnist_c", name, pixels=corrupt(images, name, seed))
+        for condition in conditions_for(dataset):
+            yield BenchmarkRow("photographed", condition,
+                          files=[render(img, dataset, condition, seed, int(i)) for img, i in zip(images, index,
+                                                                                               strict=True)])
+    return test.labels[index], rows()
 
 
 def _free_port() -> int:
@@ -153,34 +184,26 @@ def run_benchmark(base: str, count: int = 200, seed: int = 0, models: Sequence[s
         for model in served_models:
             by_dataset.setdefault(model["dataset"], []).append(model)
         for dataset, group in by_dataset.items():
-            test = load_image_split(dataset, "test")
-            index = test_indices(dataset, count, seed)
-            images, labels = test.images[index], test.labels[index]
+            labels, rows = benchmark_rows(dataset, count, seed)
             results: dict[str, dict[str, Any]] = {
                 m["name"]: {"clean": 0.0, "mnist_c": {}, "photographed": {}, "seconds": {}} for m in group}
             began = time.perf_counter()
-            for model in group:
-                results[model["name"]]["clean"] = _accuracy(classify_pixels(client, base, model["name"], images),
-                                                            labels)
-            for name in MNIST_C:
-                corrupted = corrupt(images, name, seed)
-                for model in group:
-                    predicted = classify_pixels(client, base, model["name"], corrupted)
-                    results[model["name"]]["mnist_c"][name] = _accuracy(predicted, labels)
-                if progress:
-                    print(f"  {dataset} MNIST-C {name}: " + ", ".join(
-                        f"{m['name']} {results[m['name']]['mnist_c'][name]:.1%}" for m in group), flush=True)
-            for condition in conditions_for(dataset):
-                files = [render(img, dataset, condition, seed, int(i)) for img, i in zip(images, index, strict=True)]
+            for row in rows:
                 for model in group:
                     started = time.perf_counter()
-                    predicted = classify_files(client, base, model["name"], files)
-                    results[model["name"]]["photographed"][condition] = _accuracy(predicted, labels)
-                    results[model["name"]]["seconds"][condition] = round(time.perf_counter() - started, 2)
-                if progress:
-                    print(f"  {dataset} photographed {condition}: " + ", ".join(
-                        f"{m['name']} {results[m['name']]['photographed'][condition]:.1%}" for m in group),
-                        flush=True)
+                    if row.files is None:
+                        accuracy = _accuracy(classify_pixels(client, base, model["name"], row.pixels), labels)
+                    else:
+                        accuracy = _accuracy(classify_files(client, base, model["name"], row.files), labels)
+                        results[model["name"]]["seconds"][row.name] = round(time.perf_counter() - started, 2)
+                    if row.section == "clean":
+                        results[model["name"]]["clean"] = accuracy
+                    else:
+                        results[model["name"]][row.section][row.name] = accuracy
+                if progress and row.section != "clean":
+                    label = "MNIST-C" if row.section == "mnist_c" else "photographed"
+                    print(f"  {dataset} {label} {row.name}: " + ", ".join(
+                        f"{m['name']} {results[m['name']][row.section][row.name]:.1%}" for m in group), flush=True)
             for model in group:
                 result = results[model["name"]]
                 photographed = list(result["photographed"].values())
@@ -194,7 +217,7 @@ def run_benchmark(base: str, count: int = 200, seed: int = 0, models: Sequence[s
                     "profile": model.get("profile"),
                     "trained_on": model.get("trained_on"),
                     "test_accuracy": model.get("test_metrics", {}).get("accuracy"),
-                    "images_per_condition": len(index),
+                    "images_per_condition": len(labels),
                     "seed": seed,
                     "clean": result["clean"],
                     "mnist_c": result["mnist_c"],

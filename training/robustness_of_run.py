@@ -26,12 +26,9 @@ import torch
 
 from preprocessing import PixelScaling
 from serving.image_to_tensor import decode_image, to_dataset_frame
-from training.corruptions import MNIST_C, corrupt
-from training.datasets.images import load_image_split
 from training.export import load_run
 from training.paths import REPO_ROOT, runs_dir
-from training.photographs import conditions_for, render
-from training.robustness import test_indices
+from training.robustness import benchmark_rows
 
 EXPERIMENTS_DIR = REPO_ROOT / "docs" / "records" / "experiments"
 RESULTS = REPO_ROOT / "docs" / "RESULTS.md"
@@ -46,21 +43,20 @@ def evaluate_run(run: Path, count: int = 200, seed: int = 0) -> dict[str, Any]:
     summary = saved["summary"]
     dataset = summary["dataset"]
     scaling = PixelScaling.from_dict(saved["preprocessing"]["scaling"])
-    test = load_image_split(dataset, "test")
-    index = test_indices(dataset, count, seed)
-    images, labels = test.images[index], test.labels[index]
+    labels, rows = benchmark_rows(dataset, count, seed)
 
     def accuracy(frames: np.ndarray) -> float:
         with torch.no_grad():
             logits = model(torch.from_numpy(scaling.apply(frames)[:, None]))
         return float((logits.argmax(1).numpy() == labels).mean())
 
-    mnist_c = {name: accuracy(corrupt(images, name, seed)) for name in MNIST_C}
-    photographed = {}
-    for condition in conditions_for(dataset):
-        frames = [to_dataset_frame(decode_image(render(image, dataset, condition, seed, int(i))), dataset)
-                  for image, i in zip(images, index, strict=True)]
-        photographed[condition] = accuracy(np.stack(frames))
+    scores: dict[str, dict[str, float]] = {"clean": {}, "mnist_c": {}, "photographed": {}}
+    for row in rows:
+        # A photo takes the upload path's own steps; arrays are the frames as they are.
+        frames = row.pixels if row.files is None else np.stack(
+            [to_dataset_frame(decode_image(blob), dataset) for blob in row.files])
+        scores[row.section][row.name] = accuracy(frames)
+    mnist_c, photographed = scores["mnist_c"], scores["photographed"]
     return {
         "kind": "robustness-run",
         "run": run.name,
@@ -70,9 +66,9 @@ def evaluate_run(run: Path, count: int = 200, seed: int = 0) -> dict[str, Any]:
         "train_seconds": summary.get("train_seconds"),
         "parameters": summary.get("parameters"),
         "test_accuracy": summary["test"]["accuracy"],
-        "images_per_condition": len(index),
+        "images_per_condition": len(labels),
         "seed": seed,
-        "clean": accuracy(images),
+        "clean": scores["clean"]["clean"],
         "mnist_c": mnist_c,
         "mnist_c_mean": float(np.mean(list(mnist_c.values()))),
         "photographed": photographed,
